@@ -1,0 +1,58 @@
+"""The typer app and the error boundary shared by every command.
+
+Commands stay thin: parse flags, build one frozen config, call one core function inside
+`errors_to_exit()`. A `FaceganError` from the core becomes a one-line `error: ...` on stderr and
+exit code 1; nothing else is caught, so real bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+import typer
+
+from facegan_dist import __version__
+from facegan_dist.errors import FaceganError
+
+app = typer.Typer(
+    name="facegan",
+    help=(
+        "Distributed face-GAN training: shard CelebA into WebDataset tars, train the paper's "
+        "MLP/DCGAN GANs with Accelerate, log to W&B, sample and evaluate."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"facegan_dist {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """facegan: CelebA -> shards -> GAN training -> samples, on one CPU or many GPUs."""
+
+
+@contextlib.contextmanager
+def errors_to_exit() -> Iterator[None]:
+    """Turn domain errors into `error: <one line>` on stderr and exit code 1."""
+    try:
+        yield
+    except FaceganError as exc:
+        msg = " ".join(str(exc).split()) or exc.__class__.__name__
+        print(f"error: {msg}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        raise typer.Exit(130) from None

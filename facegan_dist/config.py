@@ -1,0 +1,338 @@
+"""Frozen configs, one per command, with validation that names the offending flag.
+
+Flow (see docs/STYLE in ../shared): dataclass defaults -> optional `--config FILE` -> explicit
+flags, merged by `merge()`; `validate()` once; core entry points take the config and nothing else.
+Runtime-derived values (world size, per-device batch) are never written back into a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from facegan_dist.errors import ConfigError
+
+SHARD_SIZES = (16, 32, 64, 128, 256)
+SHARD_CROPS = ("auto", "celeba", "center", "none")
+SHARD_FORMATS = ("jpg", "png", "webp")
+SPLITS = ("train", "val", "test", "all")
+SYNTH_LAYOUTS = ("kaggle", "official")
+
+
+def default_workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """`facegan synth`: a deterministic cartoon-face dataset in the CelebA layout."""
+
+    out: Path
+    count: int = 2000  # number of images (ids 000001..count)
+    seed: int = 0  # the whole dataset is a pure function of (count, seed)
+    layout: str = "kaggle"  # kaggle: CSVs + img_align_celeba/...; official: Img/Anno/Eval
+    zip: bool = False  # kaggle: write archive.zip; official: Img/img_align_celeba.zip
+    workers: int = dataclasses.field(default_factory=default_workers)
+
+    def validate(self) -> SynthConfig:
+        if self.count < 1:
+            raise ConfigError(f"--count {self.count} must be at least 1")
+        if self.count > 999_999:
+            raise ConfigError(f"--count {self.count} must be at most 999999 (6-digit CelebA ids)")
+        if self.layout not in SYNTH_LAYOUTS:
+            raise ConfigError(f"--layout {self.layout!r} must be one of {', '.join(SYNTH_LAYOUTS)}")
+        if self.workers < 1:
+            raise ConfigError(f"--workers {self.workers} must be at least 1")
+        return self
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """`facegan shard`: crop/resize a source once and write WebDataset tar shards + manifest."""
+
+    src: Path  # Kaggle archive.zip or its extraction, official CelebA dir, or any image folder
+    out: Path  # output folder (manifest.json + {split}-{index:06d}.tar)
+    size: int = 64  # output side in pixels (square)
+    crop: str = "auto"  # auto = celeba for CelebA sources, center for plain folders
+    format: str = "jpg"  # image encoding inside the shards
+    quality: int = 95  # jpg/webp quality (ignored for png)
+    limit: int | None = None  # keep at most N images per split (random subset by --seed)
+    split: str = "all"  # which CelebA partition(s) to write; plain folders are all "train"
+    shard_size: int = 5000  # samples per tar shard
+    workers: int = dataclasses.field(default_factory=default_workers)
+    seed: int = 0  # write-time shuffle (and --limit subset)
+    strict: bool = False  # a single bad image is fatal instead of skipped-and-reported
+
+    def validate(self) -> ShardConfig:
+        if self.size not in SHARD_SIZES:
+            raise ConfigError(f"--size {self.size} must be one of {SHARD_SIZES}")
+        if self.crop not in SHARD_CROPS:
+            raise ConfigError(f"--crop {self.crop!r} must be one of {', '.join(SHARD_CROPS)}")
+        if self.format not in SHARD_FORMATS:
+            raise ConfigError(f"--format {self.format!r} must be one of {', '.join(SHARD_FORMATS)}")
+        if not 1 <= self.quality <= 100:
+            raise ConfigError(f"--quality {self.quality} must be in 1..100")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit {self.limit} must be at least 1")
+        if self.split not in SPLITS:
+            raise ConfigError(f"--split {self.split!r} must be one of {', '.join(SPLITS)}")
+        if self.shard_size < 1:
+            raise ConfigError(f"--shard-size {self.shard_size} must be at least 1")
+        if self.workers < 1:
+            raise ConfigError(f"--workers {self.workers} must be at least 1")
+        return self
+
+
+def to_jsonable(cfg: Any) -> dict[str, Any]:
+    """A config as plain JSON types (Paths become strings)."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, tuple | list):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return {f.name: conv(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def dumps(cfg: Any) -> str:
+    return json.dumps(to_jsonable(cfg), indent=2, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+PRECISIONS = ("no", "bf16", "fp16")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`facegan train`: every knob of a training run, with the default where it lives.
+
+    Steps count G updates. With `d_every=K` D is updated on one step in K (the paper's "D critiques
+    only every 5"); with `d_steps=K` D is updated K times (on K real batches) per G update.
+    Image size, attribute names and dataset size come from the shard manifest, not from here.
+    """
+
+    # data and output
+    data: Path | None = None  # shard folder written by `facegan shard` (manifest.json inside)
+    out: Path | None = None  # run folder; default runs/<preset>
+    split: str = "train"  # shard split to train on: train | val | test | all
+    preset: str = "tutorial"  # name of the preset this config started from (informational)
+    # model
+    arch: str = "dcgan"  # mlp | dcgan
+    act: str = "relu"  # mlp hidden activation: relu (paper T1) | leaky (paper T2, LeakyReLU 0.2)
+    dropout: float = 0.3  # mlp dropout (the paper's networks)
+    z_dim: int = 100
+    g_width: int = 64  # DCGAN: channels of G's last hidden block (doubles towards the input)
+    d_width: int = 64  # DCGAN: channels of D's first block
+    # objective and schedule
+    loss: str = "ns"  # ns (non-saturating, the lecture's fix) | minimax (paper: log(1-D(G(z))))
+    d_every: int = 1  # update D on one step in K
+    d_steps: int = 1  # D updates per G update
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    betas_g: tuple[float, float] = (0.5, 0.999)
+    betas_d: tuple[float, float] = (0.5, 0.999)
+    # length and batch
+    batch: int = 128  # GLOBAL batch; each of N processes gets batch / N
+    epochs: float | None = 5  # passes over the split; ignored when max_steps is set
+    max_steps: int | None = None  # G updates; overrides epochs
+    # numerics and devices
+    precision: str = "no"  # no | bf16 | fp16 (fp16 uses loss scaling; ignored on CPU)
+    seed: int = 0
+    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP (CUDA only)
+    deterministic: bool = False  # torch deterministic algorithms (tests, exact resume on GPU)
+    num_workers: int = 2  # loader worker processes per rank
+    shuffle_buffer: int = 1000  # samples held by each loader worker's shuffle buffer
+    # logging, samples, checkpoints
+    log_every: int = 50  # steps between metrics.jsonl / W&B scalar rows
+    sample_every: int = 500  # steps between fixed-noise grids
+    n_samples: int = 64  # images in the fixed-noise grid
+    ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    keep: int = 3  # checkpoints kept (oldest deleted)
+    resume: str | None = None  # None | auto (newest complete checkpoint in out) | checkpoint path
+    wandb_mode: str | None = None  # online | offline | disabled; None = offline without an API key
+    wandb_project: str = "facegan"
+    run_name: str | None = None  # W&B run name; default the run folder's name
+
+    def validate(self) -> TrainConfig:
+        from facegan_dist.models import ARCHS
+
+        def bad(flag: str, why: str) -> ConfigError:
+            return ConfigError(f"{flag} {why}")
+
+        if self.data is None:
+            raise bad("--data", "is required: a shard folder written by `facegan shard`")
+        if self.arch not in ARCHS:
+            raise bad("--arch", f"{self.arch!r} must be one of {', '.join(ARCHS)}")
+        if self.act not in ("relu", "leaky"):
+            raise bad("--act", f"{self.act!r} must be relu or leaky")
+        if not 0 <= self.dropout < 1:
+            raise bad("--dropout", f"{self.dropout} must be in [0, 1)")
+        from facegan_dist.losses import LOSSES
+
+        if self.loss not in LOSSES:
+            raise bad("--loss", f"{self.loss!r} must be one of {', '.join(LOSSES)}")
+        for flag, v in (("--z-dim", self.z_dim), ("--g-width", self.g_width),
+                        ("--d-width", self.d_width), ("--d-every", self.d_every),
+                        ("--d-steps", self.d_steps), ("--batch", self.batch),
+                        ("--log-every", self.log_every), ("--sample-every", self.sample_every),
+                        ("--ckpt-every", self.ckpt_every), ("--keep", self.keep),
+                        ("--n-samples", self.n_samples)):  # fmt: skip
+            if v < 1:
+                raise bad(flag, f"{v} must be at least 1")
+        if self.d_every > 1 and self.d_steps > 1:
+            raise bad("--d-steps", "must be 1 when --d-every > 1 (pick one schedule)")
+        for flag, v in (("--lr-g", self.lr_g), ("--lr-d", self.lr_d)):
+            if not v > 0:
+                raise bad(flag, f"{v} must be > 0")
+        for flag, b in (("--betas-g", self.betas_g), ("--betas-d", self.betas_d)):
+            if len(b) != 2 or not all(0 <= x < 1 for x in b):
+                raise bad(flag, f"{b} must be two numbers in [0, 1), e.g. 0.5,0.999")
+        if self.max_steps is None and (self.epochs is None or not self.epochs > 0):
+            raise bad("--epochs", "must be > 0 (or give --max-steps)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise bad("--max-steps", f"{self.max_steps} must be at least 1")
+        if self.precision not in PRECISIONS:
+            raise bad("--precision", f"{self.precision!r} must be one of no, bf16, fp16")
+        if self.wandb_mode is not None and self.wandb_mode not in WANDB_MODES:
+            raise bad("--wandb-mode", f"{self.wandb_mode!r} must be online, offline or disabled")
+        if self.split not in SPLITS:
+            raise bad("--split", f"{self.split!r} must be one of {', '.join(SPLITS)}")
+        if self.num_workers < 0:
+            raise bad("--num-workers", f"{self.num_workers} must be >= 0")
+        if self.shuffle_buffer < 1:
+            raise bad("--shuffle-buffer", f"{self.shuffle_buffer} must be at least 1")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out if self.out is not None else Path("runs") / self.preset
+
+
+# Presets reproduce the paper's experiments (../shared/seeds/paper-gans-faces-pt.txt, section 6)
+# and the PyTorch DCGAN tutorial the paper's final networks follow. Values not listed keep the
+# TrainConfig default. The paper used Adam with lr 1e-4 and BCE on the minimax game.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper-mlp-relu": dict(arch="mlp", act="relu", loss="minimax", lr_g=1e-4, lr_d=1e-4,
+                           betas_g=(0.9, 0.999), betas_d=(0.9, 0.999), epochs=50, batch=128),
+    "paper-mlp-leaky": dict(arch="mlp", act="leaky", loss="minimax", lr_g=1e-4, lr_d=1e-4,
+                            betas_g=(0.9, 0.999), betas_d=(0.9, 0.999), epochs=50, batch=128),
+    "paper-dcgan": dict(arch="dcgan", loss="minimax", lr_g=1e-4, lr_d=1e-4,
+                        betas_g=(0.5, 0.999), betas_d=(0.5, 0.999), epochs=50, batch=128),
+    "paper-final": dict(arch="dcgan", loss="minimax", lr_g=1e-4, lr_d=1e-4,
+                        betas_g=(0.5, 0.999), betas_d=(0.5, 0.999), epochs=400, batch=128),
+    "tutorial": dict(arch="dcgan", loss="ns", lr_g=2e-4, lr_d=2e-4, betas_g=(0.5, 0.999),
+                     betas_d=(0.5, 0.999), epochs=5, batch=128),
+    # Small and fast on 2 CPU cores: 32 px shards, narrow nets, a few minutes.
+    "demo": dict(arch="dcgan", loss="ns", g_width=32, d_width=32, lr_g=2e-4, lr_d=2e-4,
+                 betas_g=(0.5, 0.999), betas_d=(0.5, 0.999), batch=64, epochs=None,
+                 max_steps=600, log_every=20, sample_every=100, ckpt_every=200, n_samples=64,
+                 num_workers=1),
+}  # fmt: skip
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML/YAML/JSON file of TrainConfig fields (flag names with - or _ both accepted)."""
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: file not found")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"--config {path}: use a .toml, .yaml/.yml or .json file")
+    except ConfigError:
+        raise
+    except Exception as exc:  # parse errors of three libraries; keep the first line
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"--config {path}: cannot parse: {first}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a table/mapping of options at the top level")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _coerce(name: str, value: Any, field_type: Any) -> Any:
+    """Coerce JSON/TOML/YAML values to the field's type (paths, tuples, numbers)."""
+    if value is None:
+        return None
+    t = str(field_type)
+    try:
+        if "Path" in t:
+            return Path(value)
+        if "tuple" in t:
+            if isinstance(value, str):
+                value = [x for x in value.replace(" ", "").split(",") if x]
+            return tuple(float(x) for x in value)
+        if t.startswith("float") or t == "<class 'float'>":
+            return float(value)
+        if t.startswith("int") or t == "<class 'int'>":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if t.startswith("bool") or t == "<class 'bool'>":
+            if isinstance(value, str):
+                return value.lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if "float" in t:  # float | None
+            return float(value)
+        if "int" in t:  # int | None
+            return int(value)
+    except (TypeError, ValueError):
+        flag = "--" + name.replace("_", "-")
+        raise ConfigError(f"{flag} {value!r} is not a valid {t}") from None
+    return value
+
+
+def merge_train_config(
+    preset: str | None = None,
+    config_file: Path | None = None,
+    flags: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """defaults -> base (a resumed run's saved config) -> preset -> file -> explicit flags.
+
+    `flags` holds only what was given on the command line (None values are dropped), so a flag
+    always wins and an omitted flag never clobbers the file, the preset or the saved config.
+    """
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    values: dict[str, Any] = dict(base or {})
+    file_values = load_config_file(config_file) if config_file is not None else {}
+    preset = preset or file_values.get("preset") or values.get("preset") or "tutorial"
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset {preset!r} must be one of {', '.join(PRESETS)}")
+    if base is None or (flags or {}).get("preset") or file_values.get("preset"):
+        values.update(PRESETS[preset])
+    values["preset"] = preset
+    for source, label in ((file_values, f"--config {config_file}"), (flags or {}, "flag")):
+        for k, v in source.items():
+            if v is None:
+                continue
+            if k not in fields:
+                raise ConfigError(f"{label}: unknown option {k!r}")
+            values[k] = v
+    typed = {k: _coerce(k, v, fields[k].type) for k, v in values.items() if k in fields}
+    return TrainConfig(**typed)
+
+
+def train_config_from_json(d: dict[str, Any]) -> dict[str, Any]:
+    """A saved config.json as merge input (unknown keys from newer versions are dropped)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in d.items() if k in names}

@@ -1,0 +1,83 @@
+"""Write and read the exported generator: `generator.safetensors` (a state_dict) + `generator.json`.
+
+A leaf module used by training (to export) and by sampling/evaluation (to load). Never a pickled
+module: safetensors cannot run code, and the JSON rebuilds the architecture with `build_models`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from facegan_dist.errors import CheckpointError
+
+WEIGHTS_NAME = "generator.safetensors"
+META_NAME = "generator.json"
+# The TrainConfig fields that define G's architecture.
+ARCH_KEYS = ("arch", "act", "dropout", "z_dim", "g_width", "d_width")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file through a temp name + rename so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def generator_meta(cfg: dict[str, Any], resolution: int, attribute_names: list[str]) -> dict:
+    return {
+        "format_version": 1,
+        "resolution": resolution,
+        "attribute_names": list(attribute_names),
+        **{k: cfg[k] for k in ARCH_KEYS},
+    }
+
+
+def export_generator(G: nn.Module, meta: dict[str, Any], out_dir: Path) -> Path:
+    """Save G's state_dict (CPU, contiguous) and its meta JSON into out_dir; returns the weights."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in G.state_dict().items()}
+    tmp = out_dir / f".{WEIGHTS_NAME}.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out_dir / WEIGHTS_NAME)
+    atomic_write_text(out_dir / META_NAME, json.dumps(meta, indent=2))
+    return out_dir / WEIGHTS_NAME
+
+
+def load_generator(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild G from an export folder (or its .safetensors file) -> (G in eval mode, meta)."""
+    from safetensors.torch import load_file
+
+    from facegan_dist.models import build_models
+
+    path = Path(path)
+    folder = path.parent if path.suffix == ".safetensors" else path
+    weights, meta_path = folder / WEIGHTS_NAME, folder / META_NAME
+    if not weights.is_file() or not meta_path.is_file():
+        raise CheckpointError(f"{folder}: no exported generator ({WEIGHTS_NAME} + {META_NAME})")
+    try:
+        meta = json.loads(meta_path.read_text())
+        G, _ = build_models(
+            meta["arch"],
+            resolution=meta["resolution"],
+            z_dim=meta["z_dim"],
+            g_width=meta["g_width"],
+            d_width=meta["d_width"],
+            act=meta["act"],
+            dropout=meta["dropout"],
+        )
+        G.load_state_dict(load_file(str(weights), device="cpu"))
+    except (KeyError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{weights}: cannot load generator: {first}") from None
+    return G.to(device).eval(), meta

@@ -1,0 +1,379 @@
+"""The training run: the only caller of Accelerate's prepare / backward / save_state.
+
+`train(cfg)` reads like a script: resolve the run, build the Accelerator, data, models and
+optimizers, restore a checkpoint, then loop over steps (a step = one G update, preceded by
+`d_steps` D updates on one step in `d_every`). Statistics stay on the device and are reduced across
+ranks only at the log interval; nothing in the step syncs with the host.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from facegan_dist import dist
+from facegan_dist.config import (
+    TrainConfig,
+    dumps,
+    merge_train_config,
+    to_jsonable,
+    train_config_from_json,
+)
+from facegan_dist.errors import CheckpointError, ConfigError, TrainingError
+from facegan_dist.export import atomic_write_text, export_generator, generator_meta
+from facegan_dist.sampling import fixed_noise, grid_uint8
+from facegan_dist.train import checkpoint
+from facegan_dist.train.steps import d_step, g_step, to_model_input
+
+STAT_KEYS = ("loss_d", "d_real", "d_fake", "loss_g", "d_fake_g")
+
+
+def resolve_config(
+    preset: str | None, config_file: Path | None, flags: dict[str, Any]
+) -> tuple[TrainConfig, Path | None]:
+    """The run's config and the checkpoint to resume from (None for a fresh run).
+
+    When resuming, the config saved in the checkpoint is the base and only what this command line
+    states explicitly (preset, --config file, flags) overrides it, e.g. a larger --max-steps.
+    """
+    cfg = merge_train_config(preset, config_file, flags)
+    ckpt = checkpoint.find_resume(cfg.run_dir, cfg.resume)
+    if ckpt is None:
+        if cfg.resume not in (None, "auto"):
+            raise CheckpointError(f"--resume {cfg.resume}: not found")
+        return cfg.validate(), None
+    saved = train_config_from_json(checkpoint.read_state(ckpt).get("config", {}))
+    saved.pop("resume", None)
+    cfg = merge_train_config(preset, config_file, flags, base=saved)
+    return cfg.validate(), ckpt
+
+
+def steps_for_epochs(epochs: float, batches_per_epoch: int, d_every: int, d_steps: int) -> int:
+    """G steps needed to draw `epochs` passes of real batches (D draws d_steps per D step)."""
+    batches = math.ceil(epochs * batches_per_epoch)
+    d_updates = math.ceil(batches / d_steps)
+    return max(1, (d_updates - 1) * d_every + 1)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    images_seen: int
+    preempted: bool
+    checkpoint: Path | None
+    export_dir: Path | None
+    last_grid: Path | None
+    wandb_dir: Path | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT (preemption, Ctrl-C) set a flag; the loop checkpoints and exits 0.
+    A second SIGINT restores the default handler's behaviour (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners): no handler
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
+    """Run (or continue) a training run described by `cfg`; returns where everything went."""
+    from accelerate.utils import set_seed
+
+    from facegan_dist.data.stream import ShardStream, make_loader, read_manifest
+    from facegan_dist.models import build_models, count_params
+    from facegan_dist.progress import make_progress
+    from facegan_dist.tracking import RunLogger, new_run_id, resolve_wandb_mode, truncate_metrics
+
+    cfg = cfg.validate()
+    manifest = read_manifest(cfg.data)
+    resolution = int(manifest["settings"]["size"])
+    attribute_names = list(manifest.get("attribute_names") or [])
+    run_dir = cfg.run_dir
+    state: dict[str, Any] = checkpoint.read_state(resume_from) if resume_from else {}
+
+    wandb_mode = resolve_wandb_mode(cfg.wandb_mode)
+    acc = dist.build_accelerator(
+        cfg.precision, log_with="wandb" if wandb_mode != "disabled" else None, project_dir=run_dir
+    )
+    world = acc.num_processes
+    bpd = dist.batch_per_device(cfg.batch, world)
+    if cfg.sync_bn and acc.device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm does not run on CPU/MPS)")
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+    # ---- data: each rank reads its own share; NOT passed through accelerator.prepare ----
+    batches_seen = int(state.get("batches_seen", 0))  # per rank, identical on every rank
+    stream = ShardStream(
+        cfg.data,
+        split=cfg.split,
+        batch_per_device=bpd,
+        rank=acc.process_index,
+        world_size=world,
+        num_workers=cfg.num_workers,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.shuffle_buffer,
+        start_batch=batches_seen,
+    )
+    bpe = stream.batches_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = cfg.max_steps
+    else:
+        total_steps = steps_for_epochs(cfg.epochs, bpe, cfg.d_every, cfg.d_steps)
+
+    # ---- models and optimizers: identical init on every rank, then per-rank noise seeds ----
+    set_seed(cfg.seed)
+    G, D = build_models(
+        cfg.arch,
+        resolution=resolution,
+        z_dim=cfg.z_dim,
+        g_width=cfg.g_width,
+        d_width=cfg.d_width,
+        act=cfg.act,
+        dropout=cfg.dropout,
+    )
+    if cfg.sync_bn and world > 1:
+        G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(G)
+        D = torch.nn.SyncBatchNorm.convert_sync_batchnorm(D)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=cfg.betas_g)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=cfg.betas_d)
+    # This order is the checkpoint file order (model.safetensors = G, model_1 = D, ...).
+    G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
+    dist.seed_rank(acc, cfg.seed)
+    noise = fixed_noise(cfg.n_samples, cfg.z_dim, cfg.seed)
+
+    runtime = {
+        **dist.runtime_info(acc, cfg.batch),
+        "dataset": {"path": str(cfg.data), "split": cfg.split, "num_samples": stream.num_samples},
+        "resolution": resolution,
+        "batches_per_epoch": bpe,
+        "total_steps": total_steps,
+        "params_g": count_params(acc.unwrap_model(G)),
+        "params_d": count_params(acc.unwrap_model(D)),
+        "data_layout": stream.layout(),
+    }
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "samples").mkdir(exist_ok=True)
+        atomic_write_text(run_dir / "config.json", dumps(cfg))
+        atomic_write_text(run_dir / "run.json", json.dumps(runtime, indent=2))
+    acc.wait_for_everyone()
+
+    # The loader's iterator draws its worker base seed from the torch RNG: create it BEFORE the
+    # checkpoint restores the RNG, so a resumed run draws the same noise as an uninterrupted one.
+    loader = make_loader(stream, pin_memory=acc.device.type == "cuda")
+    data_iter = iter(loader)
+
+    step, images_seen = 0, 0
+    run_id = state.get("wandb_run_id") or new_run_id()
+    if resume_from is not None:
+        saved_layout = state.get("data_layout")
+        if saved_layout and saved_layout != stream.layout():
+            dist.print0(
+                acc,
+                "warning: the data layout changed since the checkpoint (world size, workers, "
+                "batch or shards): training continues, but not on the exact same sample order",
+            )
+        state, noise = checkpoint.load(acc, resume_from)
+        step, images_seen = int(state["step"]), int(state["images_seen"])
+        if acc.is_main_process:
+            truncate_metrics(run_dir / "metrics.jsonl", step)
+    acc.wait_for_everyone()
+
+    logger = RunLogger(
+        acc,
+        run_dir,
+        mode=wandb_mode,
+        project=cfg.wandb_project,
+        run_name=cfg.run_name or run_dir.name,
+        run_id=run_id,
+        config={**to_jsonable(cfg), "runtime": runtime},
+    )
+
+    dist.print0(
+        acc,
+        f"facegan train: {cfg.arch} {resolution}px loss={cfg.loss} on {world} x "
+        f"{runtime['device']} ({acc.distributed_type}), precision={acc.mixed_precision}, "
+        f"batch {cfg.batch} = {world} x {bpd} per device; {stream.num_samples:,} images, "
+        f"{bpe} batches/epoch/rank; steps {step} -> {total_steps}"
+        + (f" (resumed from {resume_from})" if resume_from else ""),
+    )
+
+    def state_dict_for_ckpt() -> dict[str, Any]:
+        return {
+            "format_version": 1,
+            "step": step,
+            "images_seen": images_seen,
+            "batches_seen": batches_seen,
+            "epoch": batches_seen / bpe,
+            "wandb_run_id": run_id,
+            "world_size": world,
+            "data_layout": stream.layout(),
+            "config": to_jsonable(cfg),
+        }
+
+    device = acc.device
+    stats_sum = torch.zeros(len(STAT_KEYS), device=device)
+    first_bad = torch.full((), float("inf"), device=device)  # first step with a non-finite loss
+    n_d = n_g = 0
+    last_log_t, last_log_images = time.perf_counter(), images_seen
+    last_row: dict[str, Any] = {}
+    last_grid: Path | None = None
+    ckpt_path: Path | None = resume_from
+    real_logged = (run_dir / "samples" / "real.png").exists()
+    signal_check_every = 1 if world == 1 else max(1, min(cfg.log_every, 10))
+
+    def check_finite() -> None:
+        bad = dist.reduce_min(acc, first_bad)
+        if torch.isfinite(bad):
+            raise TrainingError(
+                f"a loss became non-finite at step {int(bad.item())} (lr_g={cfg.lr_g}, "
+                f"lr_d={cfg.lr_d}); last good checkpoint: {ckpt_path or 'none'}"
+            )
+
+    def log_row() -> dict[str, Any]:
+        nonlocal stats_sum, n_d, n_g, last_log_t, last_log_images
+        totals = dist.reduce_sum(acc, stats_sum).tolist()  # the one host sync per interval
+        now = time.perf_counter()
+        row: dict[str, Any] = {
+            "step": step,
+            "images_seen": images_seen,
+            "kimg": images_seen / 1000,
+            "epoch": batches_seen / bpe,
+        }
+        for i, k in enumerate(STAT_KEYS):
+            n = n_d if i < 3 else n_g
+            row[k] = totals[i] / (n * world) if n else None
+        row["lr_g"] = opt_g.param_groups[0]["lr"]
+        row["lr_d"] = opt_d.param_groups[0]["lr"]
+        row["images_per_s"] = (images_seen - last_log_images) / max(now - last_log_t, 1e-9)
+        stats_sum.zero_()
+        n_d = n_g = 0
+        last_log_t, last_log_images = now, images_seen
+        return row
+
+    def sample_grid() -> Path:
+        G_eval = acc.unwrap_model(G)
+        from facegan_dist.sampling import generate
+
+        grid = grid_uint8(generate(G_eval, noise))
+        path = run_dir / "samples" / f"fixed-{step:09d}.png"
+        logger.image("samples/fixed_noise", grid, step, path)
+        return path
+
+    stop = _StopFlag()
+    progress = make_progress(enabled=acc.is_main_process)
+    with stop, progress:
+        task = progress.add_task("train", total=total_steps, completed=step, rate="")
+        while step < total_steps:
+            # ---- one step: d_steps D updates (on one step in d_every), then one G update ----
+            if step % cfg.d_every == 0:
+                for _ in range(cfg.d_steps):
+                    images_u8, _attrs = next(data_iter)
+                    if not real_logged:
+                        if acc.is_main_process:
+                            real_grid = grid_uint8(images_u8[: cfg.n_samples])
+                            logger.image(
+                                "samples/real", real_grid, step, run_dir / "samples" / "real.png"
+                            )
+                        real_logged = True
+                    real = to_model_input(images_u8, device)
+                    z = torch.randn(bpd, cfg.z_dim, device=device)
+                    sd = d_step(acc, G, D, opt_d, real, z, cfg.loss)
+                    stats_sum[:3] += torch.stack([sd["loss_d"], sd["d_real"], sd["d_fake"]])
+                    bad = ~torch.isfinite(sd["loss_d"])
+                    first_bad = torch.where(bad & torch.isinf(first_bad), step, first_bad)
+                    n_d += 1
+                    batches_seen += 1
+                    images_seen += cfg.batch
+            z = torch.randn(bpd, cfg.z_dim, device=device)
+            sg = g_step(acc, G, D, opt_g, z, cfg.loss)
+            stats_sum[3:] += torch.stack([sg["loss_g"], sg["d_fake_g"]])
+            bad = ~torch.isfinite(sg["loss_g"])
+            first_bad = torch.where(bad & torch.isinf(first_bad), step, first_bad)
+            n_g += 1
+            step += 1
+            progress.update(task, completed=step)
+
+            last = step == total_steps
+            if step % signal_check_every == 0 or last:
+                preempt = dist.any_rank(acc, stop.signum is not None)
+            else:
+                preempt = False
+            if step % cfg.log_every == 0 or last or preempt:
+                check_finite()
+                last_row = log_row()
+                logger.log(last_row, step)
+                loss_d = last_row["loss_d"] if last_row["loss_d"] is not None else float("nan")
+                progress.update(
+                    task,
+                    rate=f"{last_row['images_per_s']:,.0f} img/s  D {loss_d:.3f}  "
+                    f"G {last_row['loss_g']:.3f}",
+                )
+            if step % cfg.sample_every == 0 or last or preempt:
+                if acc.is_main_process:
+                    last_grid = sample_grid()
+            if step % cfg.ckpt_every == 0 or last or preempt:
+                check_finite()
+                ckpt_path = checkpoint.save(
+                    acc, run_dir / "checkpoints", step, state_dict_for_ckpt(), noise, cfg.keep
+                )
+            if preempt:
+                break
+
+    preempted = step < total_steps
+    export_dir = None
+    if not preempted:
+        export_dir = run_dir / "export"
+        if acc.is_main_process:
+            meta = generator_meta(to_jsonable(cfg), resolution, attribute_names)
+            G_export = acc.unwrap_model(G, keep_fp32_wrapper=False)
+            export_generator(G_export, meta, export_dir)
+        acc.wait_for_everyone()
+    if preempted:
+        signame = signal.Signals(stop.signum).name if stop.signum else "a signal"
+        dist.print0(acc, f"stopped by {signame} at step {step}: checkpoint {ckpt_path}")
+    logger.summary({"final_step": step, "images_seen": images_seen})
+    logger.finish()
+    acc.wait_for_everyone()
+    metrics = {k: v for k, v in last_row.items() if isinstance(v, int | float)}
+    result = TrainResult(
+        run_dir=run_dir,
+        step=step,
+        images_seen=images_seen,
+        preempted=preempted,
+        checkpoint=ckpt_path,
+        export_dir=export_dir,
+        last_grid=last_grid,
+        wandb_dir=logger.wandb_dir,
+        metrics=metrics,
+    )
+    del data_iter, loader
+    return result
