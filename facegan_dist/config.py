@@ -190,6 +190,8 @@ class TrainConfig:
                         ("--n-samples", self.n_samples)):  # fmt: skip
             if v < 1:
                 raise bad(flag, f"{v} must be at least 1")
+        if self.d_steps > 32:
+            raise bad("--d-steps", f"{self.d_steps} must be at most 32")
         if self.d_every > 1 and self.d_steps > 1:
             raise bad("--d-steps", "must be 1 when --d-every > 1 (pick one schedule)")
         for flag, v in (("--lr-g", self.lr_g), ("--lr-d", self.lr_d)):
@@ -328,6 +330,9 @@ def merge_train_config(
             if k not in fields:
                 raise ConfigError(f"{label}: unknown option {k!r}")
             values[k] = v
+    explicit = {k for src in (file_values, flags or {}) for k, v in src.items() if v is not None}
+    if "epochs" in explicit and "max_steps" not in explicit:
+        values["max_steps"] = None  # an explicit --epochs beats a preset's (or saved) --max-steps
     typed = {k: _coerce(k, v, fields[k].type) for k, v in values.items() if k in fields}
     return TrainConfig(**typed)
 

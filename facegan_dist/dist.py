@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -40,6 +41,11 @@ def build_accelerator(precision: str, log_with: str | None = None, project_dir: 
     )
     if precision == "fp16" and not cuda and not torch.backends.mps.is_available():
         raise ConfigError("--precision fp16 needs a CUDA or MPS device (CPU ignores it); use bf16")
+    # torch 2.14 deprecates broadcast_buffers in favour of forward_sync_buffers; we rely on the
+    # documented semantics of broadcast_buffers=False (no per-forward BN buffer copy).
+    warnings.filterwarnings(
+        "ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning
+    )
     acc = Accelerator(
         cpu=cpu,
         mixed_precision=precision,
@@ -145,3 +151,24 @@ def runtime_info(acc, global_batch: int) -> dict[str, Any]:
     except Exception:  # versions are informational
         pass
     return info
+
+
+def param_digests(acc, *models: torch.nn.Module) -> list[str]:
+    """sha256 of each rank's parameters, gathered from every rank (a collective).
+
+    Stored in every checkpoint so a DDP desync is visible: all entries must be equal. BatchNorm
+    running statistics are left out on purpose: with broadcast_buffers=False they are per rank.
+    """
+    import hashlib
+
+    from accelerate.utils import gather_object
+
+    h = hashlib.sha256()
+    for model in models:
+        for name, p in sorted(acc.unwrap_model(model).named_parameters()):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    digest = h.hexdigest()
+    if acc.num_processes == 1:
+        return [digest]
+    return list(gather_object([digest]))

@@ -128,7 +128,3 @@ class RunLogger:
             run = self.acc.get_tracker("wandb", unwrap=True)
             for k, v in values.items():
                 run.summary[k] = v
-
-    def finish(self) -> None:
-        if self.mode != "disabled":
-            self.acc.end_training()

@@ -7,6 +7,22 @@ from pathlib import Path
 import pytest
 
 
+def reset_accelerate() -> None:
+    """Accelerate's state is a process-wide singleton: a second Accelerator with another precision
+    raises unless it is reset (STACK-NOTES section 1)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
 def _synth(root: Path, **kw) -> Path:
     from facegan_dist.config import SynthConfig
     from facegan_dist.data.synth import make_dataset

@@ -236,10 +236,22 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
             "wandb_run_id": run_id,
             "world_size": world,
             "data_layout": stream.layout(),
+            "rank_param_sha256": dist.param_digests(acc, G, D),  # equal on every rank
             "config": to_jsonable(cfg),
         }
 
     device = acc.device
+    z_gen = torch.Generator(device=device)
+    rank_slice = slice(acc.process_index * bpd, (acc.process_index + 1) * bpd)
+
+    def draw_z(at_step: int, phase: int) -> torch.Tensor:
+        """This rank's slice of the GLOBAL batch of noise for (seed, step, phase): the noise a
+        sample gets does not depend on the number of processes, and needs no RNG state to
+        resume. Phase 0 is the G update, 1..d_steps the D updates."""
+        z_gen.manual_seed((cfg.seed * 1_000_003 + at_step) * 64 + phase)
+        z = torch.randn(cfg.batch, cfg.z_dim, device=device, generator=z_gen)
+        return z[rank_slice]
+
     stats_sum = torch.zeros(len(STAT_KEYS), device=device)
     first_bad = torch.full((), float("inf"), device=device)  # first step with a non-finite loss
     n_d = n_g = 0
@@ -295,7 +307,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         while step < total_steps:
             # ---- one step: d_steps D updates (on one step in d_every), then one G update ----
             if step % cfg.d_every == 0:
-                for _ in range(cfg.d_steps):
+                for n_sub in range(cfg.d_steps):
                     images_u8, _attrs = next(data_iter)
                     if not real_logged:
                         if acc.is_main_process:
@@ -305,7 +317,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
                             )
                         real_logged = True
                     real = to_model_input(images_u8, device)
-                    z = torch.randn(bpd, cfg.z_dim, device=device)
+                    z = draw_z(step, 1 + n_sub)
                     sd = d_step(acc, G, D, opt_d, real, z, cfg.loss)
                     stats_sum[:3] += torch.stack([sd["loss_d"], sd["d_real"], sd["d_fake"]])
                     bad = ~torch.isfinite(sd["loss_d"])
@@ -313,8 +325,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
                     n_d += 1
                     batches_seen += 1
                     images_seen += cfg.batch
-            z = torch.randn(bpd, cfg.z_dim, device=device)
-            sg = g_step(acc, G, D, opt_g, z, cfg.loss)
+            sg = g_step(acc, G, D, opt_g, draw_z(step, 0), cfg.loss)
             stats_sum[3:] += torch.stack([sg["loss_g"], sg["d_fake_g"]])
             bad = ~torch.isfinite(sg["loss_g"])
             first_bad = torch.where(bad & torch.isinf(first_bad), step, first_bad)
@@ -361,8 +372,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         signame = signal.Signals(stop.signum).name if stop.signum else "a signal"
         dist.print0(acc, f"stopped by {signame} at step {step}: checkpoint {ckpt_path}")
     logger.summary({"final_step": step, "images_seen": images_seen})
-    logger.finish()
     acc.wait_for_everyone()
+    acc.end_training()  # finishes W&B on the main process, then destroys the process group
     metrics = {k: v for k, v in last_row.items() if isinstance(v, int | float)}
     result = TrainResult(
         run_dir=run_dir,

@@ -1,0 +1,182 @@
+"""Training runs in-process on tiny shards: artifacts, counters, exact resume, W&B files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from facegan_dist.config import merge_train_config
+from facegan_dist.errors import TrainingError
+from facegan_dist.train.loop import resolve_config, train
+from tests.conftest import reset_accelerate
+from tests.helpers.shards import write_tiny_shards
+
+TINY = dict(g_width=8, d_width=8, batch=16, num_workers=0, log_every=5, sample_every=10,
+            ckpt_every=10, n_samples=16, wandb_mode="disabled")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shards16(tmp_path_factory) -> Path:
+    return write_tiny_shards(tmp_path_factory.mktemp("shards16"), n=96, size=16)
+
+
+def run(shards: Path, out: Path, **flags):
+    cfg, ckpt = resolve_config(flags.pop("preset", "demo"), None,
+                               {"data": shards, "out": out, **TINY, **flags})  # fmt: skip
+    return train(cfg, resume_from=ckpt)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("loss", ["ns", "minimax"])
+@pytest.mark.parametrize("arch", ["dcgan", "mlp"])
+def test_each_model_loss_precision_trains(shards16, tmp_path, arch, loss, precision):
+    res = run(shards16, tmp_path / "r", arch=arch, loss=loss, precision=precision, max_steps=10)
+    assert res.step == 10 and not res.preempted
+    metrics = rows(tmp_path / "r")
+    assert [r["step"] for r in metrics] == [5, 10]
+    for r in metrics:
+        for k in ("loss_d", "loss_g", "d_real", "d_fake", "images_per_s"):
+            assert math.isfinite(r[k]), (k, r)
+        assert 0 < r["d_real"] < 1 and 0 < r["d_fake"] < 1
+        assert r["images_seen"] == r["step"] * 16
+    if loss == "minimax":
+        assert all(r["loss_g"] <= 0 for r in metrics)  # E[log(1 - D(G(z)))]
+    run_json = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run_json["precision"] == precision
+    assert run_json["world_size"] == 1 and run_json["batch_per_device"] == 16
+    cfg_json = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg_json["arch"] == arch and cfg_json["loss"] == loss
+    # the exported generator rebuilds and draws images
+    from facegan_dist.export import load_generator
+
+    G, meta = load_generator(tmp_path / "r" / "export")
+    assert meta["resolution"] == 16 and meta["arch"] == arch
+    assert G(torch.randn(2, 100)).shape == (2, 3, 16, 16)
+
+
+def test_run_folder_artifacts(shards16, tmp_path):
+    res = run(shards16, tmp_path / "r", max_steps=20, keep=1)
+    r = tmp_path / "r"
+    samples = sorted(p.name for p in (r / "samples").glob("*.png"))
+    assert samples == ["fixed-000000010.png", "fixed-000000020.png", "real.png"]
+    from PIL import Image
+
+    grid = np.asarray(Image.open(r / "samples" / "fixed-000000020.png"))
+    assert grid.shape == (2 + 4 * 18, 2 + 4 * 18, 3)  # 16 images of 16 px, 4x4 with padding 2
+    assert grid.std() > 0
+    ckpts = sorted(p.name for p in (r / "checkpoints").iterdir())
+    assert ckpts == ["step-000000020"]  # --keep 1 rotated step 10 away
+    state = json.loads((r / "checkpoints" / "step-000000020" / "trainer_state.json").read_text())
+    assert state["step"] == 20 and state["images_seen"] == 320 and state["batches_seen"] == 20
+    assert state["wandb_run_id"] and state["config"]["max_steps"] == 20
+    assert len(state["rank_param_sha256"]) == 1
+    files = {p.name for p in (r / "checkpoints" / "step-000000020").iterdir()}
+    assert {"model.safetensors", "model_1.safetensors", "optimizer.bin", "optimizer_1.bin",
+            "random_states_0.pkl", "fixed_noise.safetensors"} <= files  # fmt: skip
+    assert res.export_dir == r / "export"
+
+
+def test_exact_resume_matches_straight_run(shards16, tmp_path):
+    kw = dict(max_steps=20, deterministic=True)
+    run(shards16, tmp_path / "straight", **kw)
+    run(shards16, tmp_path / "split", **{**kw, "max_steps": 10})
+    reset_accelerate()
+    # the resumed command names only the run folder, --resume and the new length
+    cfg, ckpt = resolve_config(None, None, {"out": tmp_path / "split", "resume": "auto",
+                                            "max_steps": 20})  # fmt: skip
+    assert ckpt is not None and ckpt.name == "step-000000010"
+    assert cfg.g_width == 8 and cfg.data == shards16  # restored from the checkpoint
+    res = train(cfg, resume_from=ckpt)
+    assert res.step == 20
+    for name in ("model.safetensors", "model_1.safetensors"):
+        a = load_file(tmp_path / "straight" / "checkpoints" / "step-000000020" / name)
+        b = load_file(tmp_path / "split" / "checkpoints" / "step-000000020" / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    assert rows(tmp_path / "straight") == [
+        {**r, "images_per_s": rows(tmp_path / "straight")[i]["images_per_s"]}
+        for i, r in enumerate(rows(tmp_path / "split"))
+    ]
+
+
+def test_schedules_count_images(shards16, tmp_path):
+    run(shards16, tmp_path / "every", max_steps=10, d_every=3)
+    # D trains on steps 0, 3, 6, 9: four real batches
+    assert rows(tmp_path / "every")[-1]["images_seen"] == 4 * 16
+    run(shards16, tmp_path / "steps", max_steps=10, d_steps=2)
+    assert rows(tmp_path / "steps")[-1]["images_seen"] == 2 * 10 * 16
+
+
+def test_epochs_set_the_length(shards16, tmp_path):
+    res = run(shards16, tmp_path / "e", epochs=2, max_steps=None)
+    # 96 images / batch 16 = 6 batches per epoch -> 12 steps
+    assert res.step == 12
+    assert rows(tmp_path / "e")[-1]["epoch"] == pytest.approx(2.0)
+
+
+def test_nonfinite_loss_stops_naming_the_step(shards16, tmp_path, monkeypatch):
+    import facegan_dist.train.steps as steps
+
+    real_g_loss, calls = steps.g_loss, {"n": 0}
+
+    def poisoned(kind, logits):
+        calls["n"] += 1
+        loss, stats = real_g_loss(kind, logits)
+        if calls["n"] == 4:  # the G update of step 3
+            loss = loss * float("nan")
+            stats = {**stats, "loss_g": loss.detach()}
+        return loss, stats
+
+    monkeypatch.setattr(steps, "g_loss", poisoned)
+    with pytest.raises(TrainingError, match="non-finite at step 3"):
+        run(shards16, tmp_path / "nan", max_steps=20)
+    assert not (tmp_path / "nan" / "checkpoints").exists()  # nothing diverged was checkpointed
+
+
+def test_wandb_offline_run_holds_scalars_and_images(shards16, tmp_path):
+    from tests.helpers.wandb_reader import read_history
+
+    res = run(shards16, tmp_path / "w", max_steps=10, wandb_mode="offline")
+    assert res.wandb_dir is not None and res.wandb_dir.parent == tmp_path / "w" / "wandb"
+    [wandb_file] = list(res.wandb_dir.glob("run-*.wandb"))
+    assert res.wandb_dir.name.endswith(json.loads(
+        (tmp_path / "w" / "checkpoints" / "step-000000010" / "trainer_state.json").read_text()
+    )["wandb_run_id"])  # fmt: skip
+    history = read_history(wandb_file)
+    scalars = [h for h in history if "loss_d" in h]
+    local = rows(tmp_path / "w")
+    assert [h["_step"] for h in scalars] == [r["step"] for r in local]
+    for h, r in zip(scalars, local, strict=True):
+        for k in ("loss_d", "loss_g", "d_real", "d_fake", "images_seen", "epoch", "lr_g"):
+            assert h[k] == pytest.approx(r[k]), k
+    # images are logged as nested keys: samples/fixed_noise/{path,width,sha256,...}
+    images = [h for h in history if "samples/fixed_noise/path" in h]
+    assert [h["_step"] for h in images] == [10]
+    assert any("samples/real/path" in h for h in history)
+    # the logged PNG is the same picture as the local grid
+    from PIL import Image
+
+    media = images[0]["samples/fixed_noise/path"]
+    logged = np.asarray(Image.open(res.wandb_dir / "files" / media).convert("RGB"))
+    local_png = np.asarray(Image.open(tmp_path / "w" / "samples" / "fixed-000000010.png"))
+    assert np.array_equal(logged, local_png)
+
+
+def test_config_merge_order(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('lr-g = 0.001\nbatch = 32\npreset = "paper-dcgan"\n')
+    cfg = merge_train_config(None, f, {"batch": 8, "data": tmp_path})
+    assert cfg.preset == "paper-dcgan" and cfg.loss == "minimax"  # from the preset in the file
+    assert cfg.lr_g == 0.001 and cfg.lr_d == 1e-4  # file over preset
+    assert cfg.batch == 8  # flag over file
