@@ -1,20 +1,35 @@
 """The `facegan` command line. Each command lives in its own module and registers itself on
 `app`; importing them here is what makes them appear in `facegan --help`."""
 
-import importlib
+import sys
 
+from typer import Abort
+
+# Importing the command modules registers them on `app` (side effect, hence noqa).
+from facegan_dist.cli import shard, synth, train  # noqa: F401
 from facegan_dist.cli.app import app
 
-for _name in ("synth", "shard", "train"):  # TEMP(lead): tolerate modules not written yet
-    try:
-        importlib.import_module(f"facegan_dist.cli.{_name}")
-    except ModuleNotFoundError as _exc:
-        if _exc.name != f"facegan_dist.cli.{_name}":
-            raise
+try:  # typer >= 0.26 vendors Click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover - older typer with external click
+    from click.exceptions import ClickException, NoArgsIsHelpError
 
 
 def main() -> None:
-    app(prog_name="facegan")
+    """Run the CLI; usage errors become ONE line (`error: ...`, exit 2) instead of a rich panel."""
+    try:
+        rv = app(prog_name="facegan", standalone_mode=False)
+    except NoArgsIsHelpError:  # the help text was printed already
+        sys.exit(0)
+    except ClickException as exc:
+        msg = " ".join(exc.format_message().split())
+        hint = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
+        print(f"error: {msg}{hint}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 __all__ = ["app", "main"]

@@ -196,7 +196,7 @@ def train_cmd(
       facegan train --out runs/demo --resume auto --max-steps 2000
     """
     from facegan_dist.config import dumps
-    from facegan_dist.train.loop import resolve_config, train
+    from facegan_dist.train.loop import read_data_manifest, resolve_config, train
 
     flags = dict(
         data=data, out=out, split=split, arch=arch, act=act, dropout=dropout, z_dim=z_dim,
@@ -213,9 +213,7 @@ def train_cmd(
     with errors_to_exit():
         cfg, ckpt = resolve_config(preset, config, flags)
         if dry_run:
-            from facegan_dist.data.stream import read_manifest
-
-            read_manifest(cfg.data)  # a dry run still checks that the data is there
+            read_data_manifest(cfg)  # a dry run still checks that the data is there
             print(dumps(cfg))
             if ckpt is not None:
                 print(f"# would resume from {ckpt}", file=sys.stderr)

@@ -26,7 +26,7 @@ from facegan_dist.config import (
     to_jsonable,
     train_config_from_json,
 )
-from facegan_dist.errors import CheckpointError, ConfigError, TrainingError
+from facegan_dist.errors import CheckpointError, ConfigError, DataError, TrainingError
 from facegan_dist.export import atomic_write_text, export_generator, generator_meta
 from facegan_dist.sampling import fixed_noise, grid_uint8
 from facegan_dist.train import checkpoint
@@ -53,6 +53,17 @@ def resolve_config(
     saved.pop("resume", None)
     cfg = merge_train_config(preset, config_file, flags, base=saved)
     return cfg.validate(), ckpt
+
+
+def read_data_manifest(cfg: TrainConfig) -> dict[str, Any]:
+    """The shard manifest of --data, with one-line errors for a missing or empty folder."""
+    from facegan_dist.data.stream import read_manifest
+
+    if not cfg.data.exists():
+        raise DataError(f"--data {cfg.data}: no such folder (write shards with `facegan shard`)")
+    if not cfg.data.is_dir():
+        raise DataError(f"--data {cfg.data}: not a folder (give the shard folder)")
+    return read_manifest(cfg.data)
 
 
 def steps_for_epochs(epochs: float, batches_per_epoch: int, d_every: int, d_steps: int) -> int:
@@ -105,13 +116,13 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
     """Run (or continue) a training run described by `cfg`; returns where everything went."""
     from accelerate.utils import set_seed
 
-    from facegan_dist.data.stream import ShardStream, make_loader, read_manifest
+    from facegan_dist.data.stream import ShardStream, make_loader
     from facegan_dist.models import build_models, count_params
     from facegan_dist.progress import make_progress
     from facegan_dist.tracking import RunLogger, new_run_id, resolve_wandb_mode, truncate_metrics
 
     cfg = cfg.validate()
-    manifest = read_manifest(cfg.data)
+    manifest = read_data_manifest(cfg)
     resolution = int(manifest["settings"]["size"])
     attribute_names = list(manifest.get("attribute_names") or [])
     run_dir = cfg.run_dir

@@ -1,0 +1,122 @@
+"""`facegan train` at the CLI boundary: entry points, one-line errors, dry run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from facegan_dist.cli import app
+from tests.helpers.shards import write_tiny_shards
+
+REPO = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_tiny_shards(tmp_path_factory.mktemp("s"), n=32, size=16)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """The real entry point: `python facegan_dist ...` from the repo root (what accelerate runs)."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "facegan_dist", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+
+
+def assert_one_line_error(stderr: str, *needles: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_entry_points_list_every_command():
+    for cmd in ([sys.executable, "facegan_dist", "--help"],
+                [sys.executable, "-m", "facegan_dist", "--help"]):  # fmt: skip
+        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        for name in ("synth", "shard", "verify", "train"):
+            assert name in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["train", "--batch", "abc"], ["--batch"]),
+        (["train", "--bogus"], ["--bogus"]),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(args, needles):
+    proc = cli(*args)
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr, *needles)
+
+
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        (["--batch", "0"], ["--batch 0"]),
+        (["--arch", "vit"], ["--arch", "vit"]),
+        (["--loss", "l2"], ["--loss", "l2"]),
+        (["--precision", "fp8"], ["--precision"]),
+        (["--preset", "nope"], ["--preset", "nope"]),
+        (["--betas-g", "0.5,1.5"], ["--betas-g"]),
+        (["--d-every", "5", "--d-steps", "2"], ["--d-steps"]),
+        (["--precision", "fp16"], ["--precision fp16"]),  # no CUDA here
+        (["--batch", "7", "--resume", "runs/definitely-missing-ckpt"], ["--resume"]),
+    ],
+)
+def test_bad_values_are_one_line_exit_1(shards, tmp_path, extra, needles):
+    res = runner.invoke(app, ["train", "--data", str(shards), "--out", str(tmp_path / "r"),
+                              "--wandb-mode", "disabled", *extra])  # fmt: skip
+    assert res.exit_code == 1, res.output
+    assert_one_line_error(res.stderr, *needles)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_missing_and_empty_shard_folders(tmp_path):
+    res = runner.invoke(app, ["train", "--data", str(tmp_path / "nope")])
+    assert res.exit_code == 1
+    assert_one_line_error(res.stderr, "--data", "nope", "no such folder")
+    (tmp_path / "empty").mkdir()
+    res = runner.invoke(app, ["train", "--data", str(tmp_path / "empty")])
+    assert res.exit_code == 1
+    assert_one_line_error(res.stderr, "empty", "manifest.json")
+    res = runner.invoke(app, ["train"])
+    assert res.exit_code == 1
+    assert_one_line_error(res.stderr, "--data", "required")
+
+
+def test_config_file_errors(shards, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("batch = [\n")
+    res = runner.invoke(app, ["train", "--data", str(shards), "--config", str(bad)])
+    assert res.exit_code == 1
+    assert_one_line_error(res.stderr, "--config", "bad.toml")
+    unknown = tmp_path / "u.yaml"
+    unknown.write_text("learning_rate: 0.1\n")
+    res = runner.invoke(app, ["train", "--data", str(shards), "--config", str(unknown)])
+    assert res.exit_code == 1
+    assert_one_line_error(res.stderr, "learning_rate")
+
+
+def test_dry_run_prints_resolved_config_and_writes_nothing(shards, tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"preset": "paper-mlp-leaky", "batch": 32}))
+    res = runner.invoke(app, ["train", "--data", str(shards), "--out", str(tmp_path / "r"),
+                              "--config", str(cfg), "--lr-d", "0.001", "--dry-run"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    resolved = json.loads(res.stdout)
+    assert resolved["arch"] == "mlp" and resolved["act"] == "leaky"  # preset (from the file)
+    assert resolved["epochs"] == 50 and resolved["loss"] == "minimax"
+    assert resolved["batch"] == 32  # file
+    assert resolved["lr_d"] == 0.001 and resolved["lr_g"] == 1e-4  # flag beats preset
+    assert not (tmp_path / "r").exists()
