@@ -271,6 +271,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
     last_grid: Path | None = None
     ckpt_path: Path | None = resume_from
     real_logged = (run_dir / "samples" / "real.png").exists()
+    fused = cfg.d_steps == 1 and cfg.d_every == 1
+    fake = fake_d = None
     signal_check_every = 1 if world == 1 else max(1, min(cfg.log_every, 10))
 
     def check_finite() -> None:
@@ -329,14 +331,23 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
                         real_logged = True
                     real = to_model_input(images_u8, device)
                     z = draw_z(step, 1 + n_sub)
-                    sd = d_step(acc, G, D, opt_d, real, z, cfg.loss)
+                    if fused:  # one G forward serves the D step (detached) and the G step
+                        fake = G(z)
+                        fake_d = fake.detach()
+                    else:
+                        with torch.no_grad():
+                            fake_d = G(z)
+                    sd = d_step(acc, D, opt_d, real, fake_d, cfg.loss)
                     stats_sum[:3] += torch.stack([sd["loss_d"], sd["d_real"], sd["d_fake"]])
                     bad = ~torch.isfinite(sd["loss_d"])
                     first_bad = torch.where(bad & torch.isinf(first_bad), step, first_bad)
                     n_d += 1
                     batches_seen += 1
                     images_seen += cfg.batch
-            sg = g_step(acc, G, D, opt_g, draw_z(step, 0), cfg.loss)
+            if not fused:
+                fake = G(draw_z(step, 0))
+            sg = g_step(acc, D, opt_g, fake, cfg.loss)
+            fake = fake_d = None  # free the graph before the next step
             stats_sum[3:] += torch.stack([sg["loss_g"], sg["d_fake_g"]])
             bad = ~torch.isfinite(sg["loss_g"])
             first_bad = torch.where(bad & torch.isinf(first_bad), step, first_bad)
