@@ -30,9 +30,7 @@ from facegan_dist.errors import CheckpointError, ConfigError, DataError, Trainin
 from facegan_dist.export import atomic_write_text, export_generator, generator_meta
 from facegan_dist.sampling import fixed_noise, grid_uint8
 from facegan_dist.train import checkpoint
-from facegan_dist.train.steps import d_step, g_step, to_model_input
-
-STAT_KEYS = ("loss_d", "d_real", "d_fake", "loss_g", "d_fake_g")
+from facegan_dist.train.steps import GANStep, to_model_input
 
 
 def resolve_config(
@@ -252,31 +250,19 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         }
 
     device = acc.device
-    z_gen = torch.Generator(device=device)
-    rank_slice = slice(acc.process_index * bpd, (acc.process_index + 1) * bpd)
-
-    def draw_z(at_step: int, phase: int) -> torch.Tensor:
-        """This rank's slice of the GLOBAL batch of noise for (seed, step, phase): the noise a
-        sample gets does not depend on the number of processes, and needs no RNG state to
-        resume. Phase 0 is the G update, 1..d_steps the D updates."""
-        z_gen.manual_seed((cfg.seed * 1_000_003 + at_step) * 64 + phase)
-        z = torch.randn(cfg.batch, cfg.z_dim, device=device, generator=z_gen)
-        return z[rank_slice]
-
-    stats_sum = torch.zeros(len(STAT_KEYS), device=device)
-    first_bad = torch.full((), float("inf"), device=device)  # first step with a non-finite loss
-    n_d = n_g = 0
+    gan_step = GANStep(
+        acc, G, D, opt_g, opt_d, loss=cfg.loss, d_every=cfg.d_every, d_steps=cfg.d_steps,
+        batch=cfg.batch, z_dim=cfg.z_dim, seed=cfg.seed,
+    )  # fmt: skip
     last_log_t, last_log_images = time.perf_counter(), images_seen
     last_row: dict[str, Any] = {}
     last_grid: Path | None = None
     ckpt_path: Path | None = resume_from
     real_logged = (run_dir / "samples" / "real.png").exists()
-    fused = cfg.d_steps == 1 and cfg.d_every == 1
-    fake = fake_d = None
     signal_check_every = 1 if world == 1 else max(1, min(cfg.log_every, 10))
 
     def check_finite() -> None:
-        bad = dist.reduce_min(acc, first_bad)
+        bad = dist.reduce_min(acc, gan_step.first_bad)
         if torch.isfinite(bad):
             raise TrainingError(
                 f"a loss became non-finite at step {int(bad.item())} (lr_g={cfg.lr_g}, "
@@ -284,23 +270,19 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
             )
 
     def log_row() -> dict[str, Any]:
-        nonlocal stats_sum, n_d, n_g, last_log_t, last_log_images
-        totals = dist.reduce_sum(acc, stats_sum).tolist()  # the one host sync per interval
+        nonlocal last_log_t, last_log_images
+        stats = gan_step.take_stats(lambda t: dist.reduce_sum(acc, t))
         now = time.perf_counter()
         row: dict[str, Any] = {
             "step": step,
             "images_seen": images_seen,
             "kimg": images_seen / 1000,
             "epoch": batches_seen / bpe,
+            **stats,
+            "lr_g": opt_g.param_groups[0]["lr"],
+            "lr_d": opt_d.param_groups[0]["lr"],
+            "images_per_s": (images_seen - last_log_images) / max(now - last_log_t, 1e-9),
         }
-        for i, k in enumerate(STAT_KEYS):
-            n = n_d if i < 3 else n_g
-            row[k] = totals[i] / (n * world) if n else None
-        row["lr_g"] = opt_g.param_groups[0]["lr"]
-        row["lr_d"] = opt_d.param_groups[0]["lr"]
-        row["images_per_s"] = (images_seen - last_log_images) / max(now - last_log_t, 1e-9)
-        stats_sum.zero_()
-        n_d = n_g = 0
         last_log_t, last_log_images = now, images_seen
         return row
 
@@ -313,45 +295,25 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         logger.image("samples/fixed_noise", grid, step, path)
         return path
 
+    def next_real() -> torch.Tensor:
+        nonlocal real_logged
+        images_u8, _attrs = next(data_iter)
+        if not real_logged:
+            if acc.is_main_process:
+                grid = grid_uint8(images_u8[: cfg.n_samples])
+                logger.image("samples/real", grid, step, run_dir / "samples" / "real.png")
+            real_logged = True
+        return to_model_input(images_u8, device)
+
     stop = _StopFlag()
     progress = make_progress(enabled=acc.is_main_process)
     with stop, progress:
         task = progress.add_task("train", total=total_steps, completed=step, rate="")
         while step < total_steps:
             # ---- one step: d_steps D updates (on one step in d_every), then one G update ----
-            if step % cfg.d_every == 0:
-                for n_sub in range(cfg.d_steps):
-                    images_u8, _attrs = next(data_iter)
-                    if not real_logged:
-                        if acc.is_main_process:
-                            real_grid = grid_uint8(images_u8[: cfg.n_samples])
-                            logger.image(
-                                "samples/real", real_grid, step, run_dir / "samples" / "real.png"
-                            )
-                        real_logged = True
-                    real = to_model_input(images_u8, device)
-                    z = draw_z(step, 1 + n_sub)
-                    if fused:  # one G forward serves the D step (detached) and the G step
-                        fake = G(z)
-                        fake_d = fake.detach()
-                    else:
-                        with torch.no_grad():
-                            fake_d = G(z)
-                    sd = d_step(acc, D, opt_d, real, fake_d, cfg.loss)
-                    stats_sum[:3] += torch.stack([sd["loss_d"], sd["d_real"], sd["d_fake"]])
-                    bad = ~torch.isfinite(sd["loss_d"])
-                    first_bad = torch.where(bad & torch.isinf(first_bad), step, first_bad)
-                    n_d += 1
-                    batches_seen += 1
-                    images_seen += cfg.batch
-            if not fused:
-                fake = G(draw_z(step, 0))
-            sg = g_step(acc, D, opt_g, fake, cfg.loss)
-            fake = fake_d = None  # free the graph before the next step
-            stats_sum[3:] += torch.stack([sg["loss_g"], sg["d_fake_g"]])
-            bad = ~torch.isfinite(sg["loss_g"])
-            first_bad = torch.where(bad & torch.isinf(first_bad), step, first_bad)
-            n_g += 1
+            consumed = gan_step(step, next_real)
+            batches_seen += consumed
+            images_seen += consumed * cfg.batch
             step += 1
             progress.update(task, completed=step)
 
@@ -408,5 +370,4 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         wandb_dir=logger.wandb_dir,
         metrics=metrics,
     )
-    del data_iter, loader
     return result

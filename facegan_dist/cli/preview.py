@@ -1,0 +1,28 @@
+"""`facegan preview`: look at what a shard folder holds (a PNG contact sheet)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from facegan_dist.cli.app import app, errors_to_exit
+
+
+@app.command("preview")
+def preview_cmd(
+    shards: Annotated[Path, typer.Argument(help="Shard folder (with manifest.json).")],
+    out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("contact-sheet.png"),
+    n: Annotated[int, typer.Option(help="Number of images in the grid.")] = 64,
+    split: Annotated[str, typer.Option(help="train | val | test | all.")] = "all",
+) -> None:
+    """Write a contact sheet (a grid of the first N images) of a shard folder."""
+    from facegan_dist.data.preview import contact_sheet
+    from facegan_dist.errors import ConfigError
+
+    with errors_to_exit():
+        if n < 1:
+            raise ConfigError(f"--n {n} must be at least 1")
+        count, _ = contact_sheet(shards, out, n=n, split=split)
+    typer.echo(f"wrote {out} ({count} images from {shards})")

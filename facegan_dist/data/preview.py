@@ -1,0 +1,19 @@
+"""A contact sheet of a shard folder: the first images of an epoch as one PNG grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from facegan_dist.data.stream import ShardStream
+from facegan_dist.sampling import grid_uint8, save_png
+
+
+def contact_sheet(shard_dir: Path, out: Path, n: int = 64, split: str = "all", seed: int = 0):
+    """Write `n` images (or all, if fewer) of `split` as a square grid to `out`; returns the
+    number of images and the attribute names of the shards."""
+    probe = ShardStream(shard_dir, split=split, batch_per_device=1)
+    n = max(1, min(n, probe.num_samples))
+    stream = ShardStream(shard_dir, split=split, batch_per_device=n, seed=seed, shuffle_buffer=1)
+    images, _attrs = next(iter(stream))
+    save_png(grid_uint8(images), out)
+    return n, stream.attribute_names
