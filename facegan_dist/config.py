@@ -146,6 +146,9 @@ class TrainConfig:
     batch: int = 128  # GLOBAL batch; each of N processes gets batch / N
     epochs: float | None = 5  # passes over the split; ignored when max_steps is set
     max_steps: int | None = None  # G updates; overrides epochs
+    # EMA of G (used for samples, grids, evaluation and the export)
+    ema_kimg: float = 10.0  # half-life in thousands of images; 0 = no EMA
+    ema_rampup: float | None = 0.05  # early on, half-life <= rampup * images seen (None: off)
     # numerics and devices
     precision: str = "no"  # no | bf16 | fp16 (fp16 uses loss scaling; ignored on CPU)
     seed: int = 0
@@ -200,6 +203,10 @@ class TrainConfig:
         for flag, b in (("--betas-g", self.betas_g), ("--betas-d", self.betas_d)):
             if len(b) != 2 or not all(0 <= x < 1 for x in b):
                 raise bad(flag, f"{b} must be two numbers in [0, 1), e.g. 0.5,0.999")
+        if self.ema_kimg < 0:
+            raise bad("--ema-kimg", f"{self.ema_kimg} must be >= 0 (0 turns the EMA off)")
+        if self.ema_rampup is not None and not self.ema_rampup > 0:
+            raise bad("--ema-rampup", f"{self.ema_rampup} must be > 0")
         if self.max_steps is None and (self.epochs is None or not self.epochs > 0):
             raise bad("--epochs", "must be > 0 (or give --max-steps)")
         if self.max_steps is not None and self.max_steps < 1:
@@ -238,7 +245,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Small and fast on 2 CPU cores: 32 px shards, narrow nets, a few minutes.
     "demo": dict(arch="dcgan", loss="ns", g_width=32, d_width=32, lr_g=2e-4, lr_d=2e-4,
                  betas_g=(0.5, 0.999), betas_d=(0.5, 0.999), batch=64, epochs=None,
-                 max_steps=600, log_every=20, sample_every=100, ckpt_every=200, n_samples=64,
+                 max_steps=3000, log_every=50, sample_every=500, ckpt_every=1000, n_samples=64,
                  num_workers=1),
 }  # fmt: skip
 

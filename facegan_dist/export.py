@@ -16,7 +16,8 @@ from torch import nn
 
 from facegan_dist.errors import CheckpointError
 
-WEIGHTS_NAME = "generator.safetensors"
+WEIGHTS_NAME = "generator.safetensors"  # the EMA of G when training kept one, else G
+RAW_WEIGHTS_NAME = "generator_raw.safetensors"  # G itself, written only beside an EMA export
 META_NAME = "generator.json"
 # The TrainConfig fields that define G's architecture.
 ARCH_KEYS = ("arch", "act", "dropout", "z_dim", "g_width", "d_width")
@@ -41,21 +42,33 @@ def generator_meta(cfg: dict[str, Any], resolution: int, attribute_names: list[s
     }
 
 
-def export_generator(G: nn.Module, meta: dict[str, Any], out_dir: Path) -> Path:
-    """Save G's state_dict (CPU, contiguous) and its meta JSON into out_dir; returns the weights."""
+def _save_state_dict(module: nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in G.state_dict().items()}
-    tmp = out_dir / f".{WEIGHTS_NAME}.tmp"
+    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out_dir / WEIGHTS_NAME)
-    atomic_write_text(out_dir / META_NAME, json.dumps(meta, indent=2))
+    os.replace(tmp, path)
+
+
+def export_generator(
+    G: nn.Module, meta: dict[str, Any], out_dir: Path, ema: nn.Module | None = None
+) -> Path:
+    """Save the generator as state_dict(s) + meta JSON into out_dir; returns the main weights.
+    With `ema`, `generator.safetensors` is the EMA and `generator_raw.safetensors` is G."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if ema is not None:
+        _save_state_dict(G, out_dir / RAW_WEIGHTS_NAME)
+    _save_state_dict(ema if ema is not None else G, out_dir / WEIGHTS_NAME)
+    atomic_write_text(out_dir / META_NAME, json.dumps({**meta, "ema": ema is not None}, indent=2))
     return out_dir / WEIGHTS_NAME
 
 
-def load_generator(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild G from an export folder (or its .safetensors file) -> (G in eval mode, meta)."""
+def load_generator(
+    path: Path, device: str | torch.device = "cpu", ema: bool = True
+) -> tuple[nn.Module, dict]:
+    """Rebuild G from an export folder (or its .safetensors file) -> (G in eval mode, meta).
+    `ema=False` loads the raw G of an export that has an EMA."""
     from safetensors.torch import load_file
 
     from facegan_dist.models import build_models
@@ -63,6 +76,8 @@ def load_generator(path: Path, device: str | torch.device = "cpu") -> tuple[nn.M
     path = Path(path)
     folder = path.parent if path.suffix == ".safetensors" else path
     weights, meta_path = folder / WEIGHTS_NAME, folder / META_NAME
+    if not ema and (folder / RAW_WEIGHTS_NAME).is_file():
+        weights = folder / RAW_WEIGHTS_NAME
     if not weights.is_file() or not meta_path.is_file():
         raise CheckpointError(f"{folder}: no exported generator ({WEIGHTS_NAME} + {META_NAME})")
     try:

@@ -118,6 +118,16 @@ def train_cmd(
     max_steps: Annotated[
         int | None, typer.Option(help="G updates; overrides --epochs.", rich_help_panel=RUN)
     ] = None,
+    ema_kimg: Annotated[
+        float | None,
+        typer.Option(help="EMA of G: half-life in kimg (0 = off). [default: 10]",
+                     rich_help_panel=RUN),
+    ] = None,
+    ema_rampup: Annotated[
+        float | None,
+        typer.Option(help="EMA ramp-up: half-life <= this x images seen. [default: 0.05]",
+                     rich_help_panel=RUN),
+    ] = None,
     precision: Annotated[
         str | None, typer.Option(help="no | bf16 | fp16 (fp16: GPU only).", rich_help_panel=RUN)
     ] = None,
@@ -202,7 +212,8 @@ def train_cmd(
         data=data, out=out, split=split, arch=arch, act=act, dropout=dropout, z_dim=z_dim,
         g_width=g_width, d_width=d_width, loss=loss, d_every=d_every, d_steps=d_steps,
         lr_g=lr_g, lr_d=lr_d, betas_g=_betas(betas_g), betas_d=_betas(betas_d), batch=batch,
-        epochs=epochs, max_steps=max_steps, precision=precision, seed=seed, sync_bn=sync_bn,
+        epochs=epochs, max_steps=max_steps, ema_kimg=ema_kimg, ema_rampup=ema_rampup,
+        precision=precision, seed=seed, sync_bn=sync_bn,
         deterministic=deterministic, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
         log_every=log_every, sample_every=sample_every, n_samples=n_samples,
         ckpt_every=ckpt_every, keep=keep, resume=resume, wandb_mode=wandb_mode,

@@ -3,8 +3,9 @@
 A checkpoint is `RUN_DIR/checkpoints/step-000001000/` holding what Accelerate writes (G, D as
 safetensors; both optimizers; the GradScaler under fp16; one RNG file per rank) plus our own
 `trainer_state.json` (step, images seen, batches drawn, W&B run id, the resolved config) and
-`fixed_noise.safetensors`. No custom object is registered with Accelerate, because Accelerate
-loads those with `weights_only=False` (a pickle that could run code); ours are JSON/safetensors.
+`<name>.safetensors` tensor files (the fixed noise, the EMA of G). No custom object is registered
+with Accelerate, because Accelerate loads those with `weights_only=False` (a pickle that could run
+code); ours are JSON/safetensors.
 
 Atomicity: every rank writes into `.tmp-step-.../`; after a barrier rank 0 writes
 `trainer_state.json` last and renames the folder. A folder without the `.tmp-` prefix and with
@@ -26,7 +27,6 @@ from facegan_dist.errors import CheckpointError
 from facegan_dist.export import atomic_write_text
 
 STATE_NAME = "trainer_state.json"
-NOISE_NAME = "fixed_noise.safetensors"
 _CKPT_RE = re.compile(r"^step-(\d{9})$")
 
 
@@ -67,8 +67,16 @@ def read_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{ckpt / STATE_NAME}: unreadable ({exc})") from None
 
 
-def save(acc, ckpt_root: Path, step: int, state: dict[str, Any], noise: torch.Tensor, keep: int):
-    """Write checkpoint `step` on ALL ranks (save_state is a collective), then rotate to `keep`."""
+def save(
+    acc,
+    ckpt_root: Path,
+    step: int,
+    state: dict[str, Any],
+    tensors: dict[str, dict[str, torch.Tensor]],
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` on ALL ranks (save_state is a collective), then rotate to `keep`.
+    `tensors` maps a name to a flat dict of tensors, saved as `<name>.safetensors` by rank 0."""
     from safetensors.torch import save_file
 
     final = ckpt_root / ckpt_name(step)
@@ -84,7 +92,10 @@ def save(acc, ckpt_root: Path, step: int, state: dict[str, Any], noise: torch.Te
     acc.save_state(str(tmp), safe_serialization=True)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        save_file({"z": noise.detach().cpu().contiguous()}, str(tmp / NOISE_NAME))
+        for name, flat in tensors.items():
+            cpu = {k: v.detach().cpu().contiguous() for k, v in flat.items()}
+            save_file(cpu, str(tmp / f"{name}.safetensors"))
+        state = {**state, "tensor_files": sorted(tensors)}
         atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=2))
         _fsync_dir(tmp)
         os.replace(tmp, final)
@@ -95,18 +106,22 @@ def save(acc, ckpt_root: Path, step: int, state: dict[str, Any], noise: torch.Te
     return final
 
 
-def load(acc, ckpt: Path) -> tuple[dict[str, Any], torch.Tensor]:
-    """Restore models/optimizers/scaler/RNG via Accelerate; return (trainer state, fixed noise)."""
+def load(acc, ckpt: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """Restore models/optimizers/scaler/RNG via Accelerate; return (trainer state, tensor files).
+    Everything is read with safetensors or `weights_only=True`: nothing in a checkpoint runs."""
     from safetensors.torch import load_file
 
     state = read_state(ckpt)
     try:
         acc.load_state(str(ckpt))
-        noise = load_file(str(ckpt / NOISE_NAME))["z"]
+        tensors = {
+            name: load_file(str(ckpt / f"{name}.safetensors"))
+            for name in state.get("tensor_files", [])
+        }
     except (OSError, RuntimeError, KeyError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{ckpt}: cannot load checkpoint: {first}") from None
-    return state, noise
+    return state, tensors
 
 
 def _fsync_dir(path: Path) -> None:

@@ -30,6 +30,7 @@ from facegan_dist.errors import CheckpointError, ConfigError, DataError, Trainin
 from facegan_dist.export import atomic_write_text, export_generator, generator_meta
 from facegan_dist.sampling import fixed_noise, grid_uint8
 from facegan_dist.train import checkpoint
+from facegan_dist.train.ema import EMA
 from facegan_dist.train.steps import GANStep, to_model_input
 
 
@@ -177,6 +178,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
     G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
     dist.seed_rank(acc, cfg.seed)
     noise = fixed_noise(cfg.n_samples, cfg.z_dim, cfg.seed)
+    # The EMA of G (every rank keeps the same copy; not prepared: it never trains).
+    ema = EMA(acc.unwrap_model(G), cfg.ema_kimg, cfg.ema_rampup) if cfg.ema_kimg > 0 else None
 
     runtime = {
         **dist.runtime_info(acc, cfg.batch),
@@ -210,7 +213,12 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
                 "warning: the data layout changed since the checkpoint (world size, workers, "
                 "batch or shards): training continues, but not on the exact same sample order",
             )
-        state, noise = checkpoint.load(acc, resume_from)
+        state, tensors = checkpoint.load(acc, resume_from)
+        noise = tensors["fixed_noise"]["z"]
+        if ema is not None:
+            if "ema" not in tensors:
+                raise CheckpointError(f"{resume_from}: has no EMA of G; resume with --ema-kimg 0")
+            ema.load_state_dict(tensors["ema"])
         step, images_seen = int(state["step"]), int(state["images_seen"])
         if acc.is_main_process:
             truncate_metrics(run_dir / "metrics.jsonl", step)
@@ -286,8 +294,14 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         last_log_t, last_log_images = now, images_seen
         return row
 
+    def ckpt_tensors() -> dict[str, dict[str, torch.Tensor]]:
+        tensors = {"fixed_noise": {"z": noise}}
+        if ema is not None:
+            tensors["ema"] = ema.state_dict()
+        return tensors
+
     def sample_grid() -> Path:
-        G_eval = acc.unwrap_model(G)
+        G_eval = ema.module if ema is not None else acc.unwrap_model(G)
         from facegan_dist.sampling import generate
 
         grid = grid_uint8(generate(G_eval, noise))
@@ -312,6 +326,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         while step < total_steps:
             # ---- one step: d_steps D updates (on one step in d_every), then one G update ----
             consumed = gan_step(step, next_real)
+            if ema is not None:
+                ema.update(acc.unwrap_model(G), cfg.batch, (step + 1) * cfg.batch)
             batches_seen += consumed
             images_seen += consumed * cfg.batch
             step += 1
@@ -338,7 +354,12 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
             if step % cfg.ckpt_every == 0 or last or preempt:
                 check_finite()
                 ckpt_path = checkpoint.save(
-                    acc, run_dir / "checkpoints", step, state_dict_for_ckpt(), noise, cfg.keep
+                    acc,
+                    run_dir / "checkpoints",
+                    step,
+                    state_dict_for_ckpt(),
+                    ckpt_tensors(),
+                    cfg.keep,
                 )
             if preempt:
                 break
@@ -349,8 +370,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         export_dir = run_dir / "export"
         if acc.is_main_process:
             meta = generator_meta(to_jsonable(cfg), resolution, attribute_names)
-            G_export = acc.unwrap_model(G, keep_fp32_wrapper=False)
-            export_generator(G_export, meta, export_dir)
+            G_raw = acc.unwrap_model(G, keep_fp32_wrapper=False)
+            export_generator(G_raw, meta, export_dir, ema=ema.module if ema else None)
         acc.wait_for_everyone()
     if preempted:
         signame = signal.Signals(stop.signum).name if stop.signum else "a signal"

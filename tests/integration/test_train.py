@@ -82,8 +82,22 @@ def test_run_folder_artifacts(shards16, tmp_path):
     assert len(state["rank_param_sha256"]) == 1
     files = {p.name for p in (r / "checkpoints" / "step-000000020").iterdir()}
     assert {"model.safetensors", "model_1.safetensors", "optimizer.bin", "optimizer_1.bin",
-            "random_states_0.pkl", "fixed_noise.safetensors"} <= files  # fmt: skip
+            "random_states_0.pkl", "fixed_noise.safetensors",
+            "ema.safetensors"} <= files  # fmt: skip
     assert res.export_dir == r / "export"
+    # the export: the EMA as generator.safetensors, G itself beside it
+    from facegan_dist.export import load_generator
+
+    G_ema, meta = load_generator(r / "export")
+    G_raw, _ = load_generator(r / "export", ema=False)
+    assert meta["ema"] is True
+    ema_ckpt = load_file(r / "checkpoints" / "step-000000020" / "ema.safetensors")
+    g_ckpt = load_file(r / "checkpoints" / "step-000000020" / "model.safetensors")
+    for k, v in G_ema.state_dict().items():
+        assert torch.equal(v, ema_ckpt[k])
+    for k, v in G_raw.state_dict().items():
+        assert torch.equal(v, g_ckpt[k])
+    assert any(not torch.equal(G_ema.state_dict()[k], g_ckpt[k]) for k in g_ckpt)
 
 
 def test_exact_resume_matches_straight_run(shards16, tmp_path):
@@ -98,7 +112,7 @@ def test_exact_resume_matches_straight_run(shards16, tmp_path):
     assert cfg.g_width == 8 and cfg.data == shards16  # restored from the checkpoint
     res = train(cfg, resume_from=ckpt)
     assert res.step == 20
-    for name in ("model.safetensors", "model_1.safetensors"):
+    for name in ("model.safetensors", "model_1.safetensors", "ema.safetensors"):
         a = load_file(tmp_path / "straight" / "checkpoints" / "step-000000020" / name)
         b = load_file(tmp_path / "split" / "checkpoints" / "step-000000020" / name)
         assert a.keys() == b.keys()

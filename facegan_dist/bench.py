@@ -1,0 +1,250 @@
+"""Throughput measurement: `facegan bench data` and `facegan bench train`.
+
+Benchmarks, not tests: they print numbers (and one JSON line) to quote in docs/PERFORMANCE.md.
+Warm-up is excluded and the device is synchronised before the clock is read.
+
+`bench train` times OUR training step (`train.steps.GANStep` under Accelerate, the code that
+trains) against a plain eager PyTorch loop with the same models: the loop of pytorch/examples
+`dcgan/main.py` (D on real, D on fake.detach(), G through D; `.item()` on its stats every step).
+Rounds alternate between the two so that a noisy shared machine hurts both alike; the median round
+is reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+CELEBA_IMAGES = 202_599
+PAPER_EPOCHS = 400
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def bench_data(
+    count: int = 2000,
+    size: int = 64,
+    workers: int | None = None,
+    read_seconds: float = 5.0,
+    fmt: str = "jpg",
+    work_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Sharding throughput (178x218 JPEG -> size px) and reading throughput per loader process,
+    on a freshly drawn synthetic CelebA (Kaggle zip layout)."""
+    import zipfile
+
+    from facegan_dist.config import ShardConfig, SynthConfig, default_workers
+    from facegan_dist.data.shards import process_image, write_shards
+    from facegan_dist.data.stream import bench_read
+    from facegan_dist.data.synth import make_dataset
+
+    workers = workers or default_workers()
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        root = Path(tmp)
+        make_dataset(SynthConfig(out=root / "celeba", count=count, zip=True, workers=workers))
+        archive = root / "celeba" / "archive.zip"
+
+        # 1. one core: decode + crop + resize + encode of one JPEG, as the shard workers do it
+        with zipfile.ZipFile(archive) as zf:
+            names = [n for n in zf.namelist() if n.endswith(".jpg")][:500]
+            blobs = [zf.read(n) for n in names]
+        t0 = time.perf_counter()
+        for b in blobs:
+            process_image(b, size, "celeba", fmt, 95)
+        per_core = len(blobs) / (time.perf_counter() - t0)
+
+        # 2. the whole `facegan shard` on all workers (zip read, process pool, tar write, sha256)
+        t0 = time.perf_counter()
+        result = write_shards(
+            ShardConfig(src=archive, out=root / "shards", size=size, format=fmt, workers=workers)
+        )
+        wall = time.perf_counter() - t0
+        # 3. the training reader, one process (num_workers=0): decode to uint8 batches
+        read = bench_read(root / "shards", batch=256, seconds=read_seconds, num_workers=0)
+    return {
+        "bench": "data",
+        "images": count,
+        "size": size,
+        "format": fmt,
+        "workers": workers,
+        "cpu_count": os.cpu_count(),
+        "shard_images_per_s_per_core": per_core,
+        "shard_images_per_s": result.images_per_s,
+        "shard_wall_s": wall,
+        "celeba_shard_minutes_projected": CELEBA_IMAGES / result.images_per_s / 60,
+        "read_images_per_s_per_process": read["images_per_s"],
+        "read_images_per_cpu_s": read["images_per_cpu_s"],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# train
+
+
+def _plain_loop(G, D, opt_g, opt_d, reals, z_dim: int, steps: int, device) -> float:
+    """pytorch/examples dcgan/main.py, with logits + BCEWithLogits; returns seconds."""
+    B = reals[0].shape[0]
+    ones = torch.ones(B, device=device)
+    zeros = torch.zeros(B, device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        real = reals[i % len(reals)].to(device).float().div_(127.5).sub_(1.0)
+        D.zero_grad()
+        out = D(real)
+        err_real = F.binary_cross_entropy_with_logits(out, ones)
+        err_real.backward()
+        d_x = torch.sigmoid(out).mean().item()
+        noise = torch.randn(B, z_dim, device=device)
+        fake = G(noise)
+        out = D(fake.detach())
+        err_fake = F.binary_cross_entropy_with_logits(out, zeros)
+        err_fake.backward()
+        d_g_z1 = torch.sigmoid(out).mean().item()
+        opt_d.step()
+        G.zero_grad()
+        out = D(fake)
+        err_g = F.binary_cross_entropy_with_logits(out, ones)
+        err_g.backward()
+        d_g_z2 = torch.sigmoid(out).mean().item()
+        opt_g.step()
+        del d_x, d_g_z1, d_g_z2
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def bench_train(
+    preset: str = "tutorial",
+    batch: int = 64,
+    resolution: int = 64,
+    precision: str = "no",
+    steps: int = 20,
+    warmup: int = 3,
+    rounds: int = 3,
+    epochs: int = PAPER_EPOCHS,
+    dataset_images: int = CELEBA_IMAGES,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Images/s of our step vs a plain eager loop, same models and synthetic uint8 batches."""
+    from accelerate.utils import set_seed
+
+    from facegan_dist import dist
+    from facegan_dist.config import merge_train_config
+    from facegan_dist.models import build_models, count_params
+    from facegan_dist.train.steps import GANStep, to_model_input
+
+    cfg = merge_train_config(
+        preset, None, {"data": Path("synthetic"), "batch": batch, **(overrides or {})}
+    ).validate()
+    acc = dist.build_accelerator(precision)
+    device = acc.device
+    set_seed(cfg.seed)
+    G, D = build_models(cfg.arch, resolution=resolution, z_dim=cfg.z_dim, g_width=cfg.g_width,
+                        d_width=cfg.d_width, act=cfg.act, dropout=cfg.dropout)  # fmt: skip
+    G_plain, D_plain = copy.deepcopy(G).to(device), copy.deepcopy(D).to(device)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=cfg.betas_g)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=cfg.betas_d)
+    opt_gp = torch.optim.Adam(G_plain.parameters(), lr=cfg.lr_g, betas=cfg.betas_g)
+    opt_dp = torch.optim.Adam(D_plain.parameters(), lr=cfg.lr_d, betas=cfg.betas_d)
+    G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
+    gen = torch.Generator().manual_seed(0)
+    reals = [torch.randint(0, 256, (batch, 3, resolution, resolution), dtype=torch.uint8,
+                           generator=gen) for _ in range(4)]  # fmt: skip
+    if device.type == "cuda":
+        reals = [r.pin_memory() for r in reals]
+    gan_step = GANStep(
+        acc, G, D, opt_g, opt_d, loss=cfg.loss, d_every=cfg.d_every, d_steps=cfg.d_steps,
+        batch=batch, z_dim=cfg.z_dim, seed=cfg.seed,
+    )  # fmt: skip
+    counter = {"i": 0}
+
+    def next_real() -> torch.Tensor:
+        counter["i"] += 1
+        return to_model_input(reals[counter["i"] % len(reals)], device)
+
+    def ours(n: int, start: int) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        for s in range(start, start + n):
+            gan_step(s, next_real)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    plain_autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else None
+    )
+
+    def plain(n: int) -> float:
+        if plain_autocast is None:
+            return _plain_loop(G_plain, D_plain, opt_gp, opt_dp, reals, cfg.z_dim, n, device)
+        with plain_autocast:
+            return _plain_loop(G_plain, D_plain, opt_gp, opt_dp, reals, cfg.z_dim, n, device)
+
+    ours(warmup, 0)
+    plain(warmup)
+    ours_s, plain_s = [], []
+    for r in range(rounds):
+        ours_s.append(ours(steps, warmup + r * steps))
+        plain_s.append(plain(steps))
+    stats = gan_step.take_stats(lambda t: t)
+    images = steps * batch * cfg.d_steps  # real images per round (d_every=1)
+    ours_ips = images / statistics.median(ours_s)
+    plain_ips = steps * batch / statistics.median(plain_s)
+    result = {
+        "bench": "train",
+        "preset": preset,
+        "arch": cfg.arch,
+        "resolution": resolution,
+        "batch": batch,
+        "precision": precision,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "params_g": count_params(acc.unwrap_model(G)),
+        "params_d": count_params(acc.unwrap_model(D)),
+        "steps_per_round": steps,
+        "rounds": rounds,
+        "ours_images_per_s": ours_ips,
+        "plain_images_per_s": plain_ips,
+        "ratio_ours_over_plain": ours_ips / plain_ips,
+        "ours_step_ms": 1000 * statistics.median(ours_s) / steps,
+        "plain_step_ms": 1000 * statistics.median(plain_s) / steps,
+        "peak_memory_mb": _peak_memory_mb(device),
+        "final_loss_d": stats["loss_d"],
+        "projected_epochs": epochs,
+        "projected_dataset_images": dataset_images,
+        "projected_hours": epochs * dataset_images / ours_ips / 3600,
+    }
+    acc.end_training()
+    return result
+
+
+def to_json_line(result: dict[str, Any]) -> str:
+    return json.dumps(result, sort_keys=False)

@@ -1,0 +1,83 @@
+"""`facegan bench data|train`: throughput numbers to quote (docs/PERFORMANCE.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from facegan_dist.cli.app import app, errors_to_exit
+
+bench_app = typer.Typer(
+    help="Benchmarks: sharding/reading throughput and training images/s. Print a JSON line.",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("data")
+def bench_data_cmd(
+    count: Annotated[int, typer.Option(help="Synthetic 178x218 JPEGs to shard.")] = 2000,
+    size: Annotated[int, typer.Option(help="Output size in px.")] = 64,
+    workers: Annotated[int | None, typer.Option(help="Shard workers. [default: all cores]")] = None,
+    read_seconds: Annotated[float, typer.Option(help="Seconds of reading to time.")] = 5.0,
+    fmt: Annotated[str, typer.Option("--format", help="jpg | png | webp.")] = "jpg",
+    work_dir: Annotated[Path | None, typer.Option(help="Where to put temp files.")] = None,
+) -> None:
+    """Sharding images/s (decode+crop+resize+encode, whole pipeline) and reading images/s."""
+    from facegan_dist.bench import bench_data, to_json_line
+    from facegan_dist.errors import ConfigError
+
+    with errors_to_exit():
+        if count < 10:
+            raise ConfigError(f"--count {count} must be at least 10")
+        r = bench_data(count, size, workers, read_seconds, fmt, work_dir)
+    typer.echo(
+        f"shard: {r['shard_images_per_s_per_core']:,.0f} images/s per core (one process), "
+        f"{r['shard_images_per_s']:,.0f} images/s with {r['workers']} workers "
+        f"-> all of CelebA in {r['celeba_shard_minutes_projected']:.1f} min"
+    )
+    typer.echo(
+        f"read:  {r['read_images_per_s_per_process']:,.0f} images/s per loader process "
+        f"({r['read_images_per_cpu_s']:,.0f} per CPU-second), {size}px {fmt}"
+    )
+    typer.echo(to_json_line(r))
+
+
+@bench_app.command("train")
+def bench_train_cmd(
+    preset: Annotated[str, typer.Option(help="Model/loss/optimizer preset.")] = "tutorial",
+    batch: Annotated[int, typer.Option(help="Batch (one process).")] = 64,
+    resolution: Annotated[int, typer.Option(help="Image size in px.")] = 64,
+    precision: Annotated[str, typer.Option(help="no | bf16 | fp16.")] = "no",
+    steps: Annotated[int, typer.Option(help="Timed steps per round.")] = 20,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up steps.")] = 3,
+    rounds: Annotated[int, typer.Option(help="Alternating rounds (median reported).")] = 3,
+    epochs: Annotated[int, typer.Option(help="Projection: epochs.")] = 400,
+    dataset_images: Annotated[int, typer.Option(help="Projection: dataset size.")] = 202_599,
+    g_width: Annotated[int | None, typer.Option(help="Override the preset's G width.")] = None,
+    d_width: Annotated[int | None, typer.Option(help="Override the preset's D width.")] = None,
+) -> None:
+    """Our training step vs a plain eager PyTorch loop (same models), synthetic batches."""
+    from facegan_dist.bench import bench_train, to_json_line
+    from facegan_dist.errors import ConfigError
+
+    with errors_to_exit():
+        for flag, v in (("--steps", steps), ("--rounds", rounds), ("--batch", batch)):
+            if v < 1:
+                raise ConfigError(f"{flag} {v} must be at least 1")
+        overrides = {k: v for k, v in (("g_width", g_width), ("d_width", d_width)) if v}
+        r = bench_train(preset, batch, resolution, precision, steps, warmup, rounds, epochs,
+                        dataset_images, overrides)  # fmt: skip
+    typer.echo(
+        f"{r['arch']} {resolution}px batch {batch} {precision} on {r['device']} "
+        f"({r['threads']} threads): ours {r['ours_images_per_s']:,.0f} images/s "
+        f"({r['ours_step_ms']:.1f} ms/step), plain eager loop {r['plain_images_per_s']:,.0f} "
+        f"images/s -> ratio {r['ratio_ours_over_plain']:.2f}"
+    )
+    typer.echo(
+        f"projected: {epochs} epochs x {dataset_images:,} images = "
+        f"{r['projected_hours']:.1f} h at this rate; peak memory {r['peak_memory_mb']:,.0f} MB"
+    )
+    typer.echo(to_json_line(r))

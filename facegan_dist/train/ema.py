@@ -1,0 +1,42 @@
+"""Exponential moving average of G (StyleGAN2-ADA style): half-life in thousands of images.
+
+beta = 0.5 ** (batch / half_life_images), with a ramp-up that caps the half-life at
+`rampup * images_seen` early in training, so the average is not dominated by the random init.
+Parameters are averaged; buffers (BatchNorm running stats) are copied. Every rank keeps the same
+copy (G is identical on every rank under DDP), so sampling can be split across ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, G: nn.Module, half_life_kimg: float, rampup: float | None = 0.05) -> None:
+        self.module = copy.deepcopy(G).eval().requires_grad_(False)
+        self.half_life_kimg, self.rampup = half_life_kimg, rampup
+
+    def beta(self, batch: int, images_seen: int) -> float:
+        half_life = self.half_life_kimg * 1000
+        if self.rampup is not None:
+            half_life = min(half_life, images_seen * self.rampup)
+        return 0.5 ** (batch / max(half_life, 1e-8))
+
+    @torch.no_grad()
+    def update(self, G: nn.Module, batch: int, images_seen: int) -> None:
+        """After a G update: ema <- beta * ema + (1 - beta) * G (no host sync)."""
+        beta = self.beta(batch, images_seen)
+        ema_p = [p for p in self.module.parameters()]
+        src_p = [p.detach() for p in G.parameters()]
+        torch._foreach_lerp_(ema_p, src_p, 1.0 - beta)
+        for b_ema, b in zip(self.module.buffers(), G.buffers(), strict=True):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
