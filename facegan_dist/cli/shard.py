@@ -1,0 +1,161 @@
+"""`facegan shard` (source -> WebDataset tars + manifest) and `facegan verify` (re-check them).
+
+Thin wrappers: build a ShardConfig, call `facegan_dist.data.shards`, print a summary. Bad input
+comes back from the core as a one-line DataError/ConfigError, turned into `error: ...` + exit 1
+by `errors_to_exit()`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from facegan_dist.cli.app import app, errors_to_exit
+from facegan_dist.config import default_workers
+
+WHAT = "What to write"
+HOW = "How"
+
+
+@app.command("shard")
+def shard_cmd(
+    src: Annotated[
+        Path,
+        typer.Argument(
+            help="Kaggle archive.zip (or its extraction), an official CelebA folder "
+            "(Img/ Anno/ Eval/), or any folder of images.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output folder (manifest.json + {split}-NNNNNN.tar).",
+            rich_help_panel=WHAT,
+        ),
+    ],
+    size: Annotated[
+        int, typer.Option(help="Output side in pixels: 16|32|64|128|256.", rich_help_panel=WHAT)
+    ] = 64,
+    crop: Annotated[
+        str,
+        typer.Option(
+            help="auto (celeba for CelebA, center for folders) | celeba (128x128 face box at "
+            "(89,121)) | center (largest centred square) | none (squash).",
+            rich_help_panel=WHAT,
+        ),
+    ] = "auto",
+    format: Annotated[
+        str, typer.Option("--format", help="jpg | png | webp.", rich_help_panel=WHAT)
+    ] = "jpg",
+    quality: Annotated[
+        int, typer.Option(help="jpg/webp quality 1..100 (png ignores it).", rich_help_panel=WHAT)
+    ] = 95,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            help="At most N images per split, a random subset by --seed.", rich_help_panel=WHAT
+        ),
+    ] = None,
+    split: Annotated[
+        str,
+        typer.Option(help="train | val | test | all (CelebA partitions).", rich_help_panel=WHAT),
+    ] = "all",
+    shard_size: Annotated[
+        int, typer.Option(help="Samples per tar shard.", rich_help_panel=WHAT)
+    ] = 5000,
+    seed: Annotated[
+        int, typer.Option(help="Shuffle (and --limit subset) seed.", rich_help_panel=WHAT)
+    ] = 0,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Worker processes (default: all CPUs).", rich_help_panel=HOW),
+    ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict", help="A bad image is fatal instead of skipped.", rich_help_panel=HOW
+        ),
+    ] = False,
+    progress: Annotated[
+        bool,
+        typer.Option(
+            "--progress/--no-progress", help="Progress bar on stderr.", rich_help_panel=HOW
+        ),
+    ] = True,
+) -> None:
+    """Crop and resize a face dataset once into WebDataset tar shards + manifest.json.
+
+    Re-running the same command resumes: finished shards are kept, the rest redone.
+    """
+    from facegan_dist.config import ShardConfig
+    from facegan_dist.data.shards import write_shards
+
+    with errors_to_exit():
+        cfg = ShardConfig(
+            src=src,
+            out=out,
+            size=size,
+            crop=crop,
+            format=format,
+            quality=quality,
+            limit=limit,
+            split=split,
+            shard_size=shard_size,
+            workers=workers if workers is not None else default_workers(),
+            seed=seed,
+            strict=strict,
+        ).validate()
+        result = write_shards(cfg, progress=progress, log=typer.echo)
+    _print_summary(result)
+
+
+def _print_summary(result) -> None:
+    m = result.manifest
+    typer.echo(f"kept {result.kept}, wrote {result.written} shard(s)")
+    for split, entry in m["splits"].items():
+        n = len(entry["shards"])
+        typer.echo(f"  {split:<5} {entry['count']:>8} images  {n:>4} shard{'s' if n != 1 else ''}")
+    skipped = m["skipped"]
+    if skipped:
+        typer.echo(f"skipped {len(skipped)} bad image(s) (all listed in manifest.json):")
+        for s in skipped[:5]:
+            typer.echo(f"  {s['file']}: {s['reason']}")
+        if len(skipped) > 5:
+            typer.echo(f"  ... and {len(skipped) - 5} more")
+    else:
+        typer.echo("skipped 0 images")
+    if result.images_processed:
+        typer.echo(
+            f"{result.images_processed} images in {result.seconds:.1f} s "
+            f"({result.images_per_s:,.0f} images/s)"
+        )
+    typer.echo(f"output: {result.out} ({m['total']} images, manifest.json)")
+
+
+@app.command("verify")
+def verify_cmd(
+    shard_dir: Annotated[
+        Path, typer.Argument(help="Shard folder written by `facegan shard`.", show_default=False)
+    ],
+) -> None:
+    """Re-hash and re-count every shard named by DIR/manifest.json; report strays. Exit 1 if bad."""
+    from facegan_dist.data.shards import verify_shards
+
+    with errors_to_exit():
+        report = verify_shards(shard_dir)
+    if report.ok:
+        typer.echo(f"OK: {report.shards} shards, {report.samples} samples in {report.out}")
+        return
+    for name, problem in report.problems:
+        typer.echo(f"BAD {name}: {problem}")
+    typer.echo(
+        f"error: {len(report.problems)} problem(s) in {report.out} "
+        f"({report.shards} shards in the manifest)",
+        err=True,
+    )
+    raise typer.Exit(1)
