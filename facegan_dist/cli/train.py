@@ -120,13 +120,16 @@ def train_cmd(
     ] = None,
     ema_kimg: Annotated[
         float | None,
-        typer.Option(help="EMA of G: half-life in kimg (0 = off). [default: 10]",
-                     rich_help_panel=RUN),
+        typer.Option(
+            help="EMA of G: half-life in kimg (0 = off). [default: 10]", rich_help_panel=RUN
+        ),
     ] = None,
     ema_rampup: Annotated[
         float | None,
-        typer.Option(help="EMA ramp-up: half-life <= this x images seen. [default: 0.05]",
-                     rich_help_panel=RUN),
+        typer.Option(
+            help="EMA ramp-up: half-life <= this x images seen. [default: 0.05]",
+            rich_help_panel=RUN,
+        ),
     ] = None,
     precision: Annotated[
         str | None, typer.Option(help="no | bf16 | fp16 (fp16: GPU only).", rich_help_panel=RUN)
