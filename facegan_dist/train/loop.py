@@ -254,6 +254,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
             "world_size": world,
             "data_layout": stream.layout(),
             "rank_param_sha256": dist.param_digests(acc, G, D),  # equal on every rank
+            # enough to rebuild G from this checkpoint alone (`facegan sample CKPT`)
+            "generator": generator_meta(to_jsonable(cfg), resolution, attribute_names),
             "config": to_jsonable(cfg),
         }
 
