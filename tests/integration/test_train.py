@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -167,9 +168,18 @@ def test_wandb_offline_run_holds_scalars_and_images(shards16, tmp_path):
     assert res.wandb_dir.name.endswith(json.loads(
         (tmp_path / "w" / "checkpoints" / "step-000000010" / "trainer_state.json").read_text()
     )["wandb_run_id"])  # fmt: skip
-    history = read_history(wandb_file)
-    scalars = [h for h in history if "loss_d" in h]
     local = rows(tmp_path / "w")
+
+    def complete(history: list[dict]) -> bool:
+        n_scalars = sum("loss_d" in h for h in history)
+        return n_scalars >= len(local) and any("samples/fixed_noise/path" in h for h in history)
+
+    # wandb-core flushes the .wandb file asynchronously, after run.finish() has returned
+    deadline = time.time() + 60
+    while not complete(history := read_history(wandb_file)):
+        assert time.time() < deadline, f"{wandb_file} never got the logged rows"
+        time.sleep(0.5)
+    scalars = [h for h in history if "loss_d" in h]
     assert [h["_step"] for h in scalars] == [r["step"] for r in local]
     for h, r in zip(scalars, local, strict=True):
         for k in ("loss_d", "loss_g", "d_real", "d_fake", "images_seen", "epoch", "lr_g"):
