@@ -156,7 +156,9 @@ def bench_train(
 
     from facegan_dist import dist
     from facegan_dist.config import merge_train_config
+    from facegan_dist.errors import ConfigError
     from facegan_dist.models import build_models, count_params
+    from facegan_dist.train.augment import parse_policy
     from facegan_dist.train.steps import GANStep, to_model_input
 
     cfg = merge_train_config(
@@ -165,8 +167,12 @@ def bench_train(
     acc = dist.build_accelerator(precision)
     device = acc.device
     set_seed(cfg.seed)
+    if cfg.condition:
+        raise ConfigError("bench train does not support conditional presets (--condition)")
     G, D = build_models(cfg.arch, resolution=resolution, z_dim=cfg.z_dim, g_width=cfg.g_width,
-                        d_width=cfg.d_width, act=cfg.act, dropout=cfg.dropout)  # fmt: skip
+                        d_width=cfg.d_width, act=cfg.act, dropout=cfg.dropout,
+                        upsample=cfg.upsample, d_norm=cfg.resolved_d_norm,
+                        spectral_norm=cfg.spectral_norm)  # fmt: skip
     G_plain, D_plain = copy.deepcopy(G).to(device), copy.deepcopy(D).to(device)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=cfg.betas_g)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=cfg.betas_d)
@@ -180,13 +186,15 @@ def bench_train(
         reals = [r.pin_memory() for r in reals]
     gan_step = GANStep(
         acc, G, D, opt_g, opt_d, loss=cfg.loss, d_every=cfg.d_every, d_steps=cfg.d_steps,
-        batch=batch, z_dim=cfg.z_dim, seed=cfg.seed,
+        batch=batch, z_dim=cfg.z_dim, seed=cfg.seed, resolution=resolution,
+        augment=parse_policy(cfg.augment), gp_lambda=cfg.gp_lambda, r1_gamma=cfg.r1,
+        clip=cfg.clip,
     )  # fmt: skip
     counter = {"i": 0}
 
-    def next_real() -> torch.Tensor:
+    def next_real() -> tuple[torch.Tensor, None]:
         counter["i"] += 1
-        return to_model_input(reals[counter["i"] % len(reals)], device)
+        return to_model_input(reals[counter["i"] % len(reals)], device), None
 
     def ours(n: int, start: int) -> float:
         _sync(device)

@@ -134,8 +134,16 @@ class TrainConfig:
     z_dim: int = 100
     g_width: int = 64  # DCGAN: channels of G's last hidden block (doubles towards the input)
     d_width: int = 64  # DCGAN: channels of D's first block
+    upsample: str = "convtranspose"  # DCGAN G: convtranspose | nearest | bilinear (no checkerboard)
+    d_norm: str = "auto"  # DCGAN D: batch | none | auto (none for wgan-gp or a spectral-norm D)
+    spectral_norm: str = "none"  # none | d | g | both
+    condition: str | None = None  # conditional GAN on attributes: "all" or "Smiling,Male,..."
     # objective and schedule
     loss: str = "ns"  # ns (non-saturating, the lecture's fix) | minimax (paper: log(1-D(G(z))))
+    gp_lambda: float = 10.0  # wgan-gp: weight of the gradient penalty
+    clip: float = 0.01  # wgan: critic weights are clipped to [-clip, clip]
+    r1: float = 0.0  # R1 penalty gamma on real data (lazy: every 16 D steps); 0 = off
+    augment: str = ""  # DiffAugment policy, e.g. "color,translation,cutout"; "" = off
     d_every: int = 1  # update D on one step in K
     d_steps: int = 1  # D updates per G update
     lr_g: float = 2e-4
@@ -193,6 +201,26 @@ class TrainConfig:
                         ("--n-samples", self.n_samples)):  # fmt: skip
             if v < 1:
                 raise bad(flag, f"{v} must be at least 1")
+        from facegan_dist.models import D_NORMS, SPECTRAL_NORMS, UPSAMPLES
+        from facegan_dist.train.augment import parse_policy
+
+        if self.upsample not in UPSAMPLES:
+            raise bad("--upsample", f"{self.upsample!r} must be one of {', '.join(UPSAMPLES)}")
+        if self.d_norm not in (*D_NORMS, "auto"):
+            raise bad("--d-norm", f"{self.d_norm!r} must be one of batch, none, auto")
+        if self.spectral_norm not in SPECTRAL_NORMS:
+            raise bad("--spectral-norm", f"{self.spectral_norm!r} must be none, d, g or both")
+        if self.r1 < 0:
+            raise bad("--r1", f"{self.r1} must be >= 0")
+        if self.r1 and self.loss in ("wgan", "wgan-gp"):
+            raise bad("--r1", f"is for the ns/minimax/hinge losses, not --loss {self.loss}")
+        if not self.gp_lambda >= 0:
+            raise bad("--gp-lambda", f"{self.gp_lambda} must be >= 0")
+        if not self.clip > 0:
+            raise bad("--clip", f"{self.clip} must be > 0")
+        if self.condition is not None and not self.condition.strip():
+            raise bad("--condition", "must be 'all' or a comma-separated list of attributes")
+        parse_policy(self.augment)
         if self.d_steps > 32:
             raise bad("--d-steps", f"{self.d_steps} must be at most 32")
         if self.d_every > 1 and self.d_steps > 1:
@@ -224,6 +252,16 @@ class TrainConfig:
         return self
 
     @property
+    def resolved_d_norm(self) -> str:
+        """auto: no BatchNorm in D under a gradient penalty (per-sample gradients) or a
+        spectral-norm D, as the WGAN-GP and SNGAN papers do; else BatchNorm (DCGAN)."""
+        if self.d_norm != "auto":
+            return self.d_norm
+        if self.loss == "wgan-gp" or self.spectral_norm in ("d", "both"):
+            return "none"
+        return "batch"
+
+    @property
     def run_dir(self) -> Path:
         return self.out if self.out is not None else Path("runs") / self.preset
 
@@ -247,6 +285,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                  betas_g=(0.5, 0.999), betas_d=(0.5, 0.999), batch=64, epochs=None,
                  max_steps=3000, log_every=50, sample_every=500, ckpt_every=1000, n_samples=64,
                  num_workers=1),
+    # WGAN-GP (Gulrajani et al. 2017): no BN in the critic, 5 critic steps, Adam(1e-4, 0, 0.9).
+    "wgan-gp": dict(arch="dcgan", loss="wgan-gp", d_steps=5, lr_g=1e-4, lr_d=1e-4,
+                    betas_g=(0.0, 0.9), betas_d=(0.0, 0.9), batch=64, epochs=20),
+    # SNGAN with the hinge loss (Miyato et al. 2018), one D step with beta1 = 0.5.
+    "sngan-hinge": dict(arch="dcgan", loss="hinge", spectral_norm="d", lr_g=2e-4, lr_d=2e-4,
+                        betas_g=(0.5, 0.999), betas_d=(0.5, 0.999), batch=64, epochs=20),
+    # Conditional DCGAN on all 40 CelebA attributes (projection D), tutorial optimiser.
+    "cgan": dict(arch="dcgan", loss="ns", condition="all", lr_g=2e-4, lr_d=2e-4,
+                 betas_g=(0.5, 0.999), betas_d=(0.5, 0.999), batch=128, epochs=5),
 }  # fmt: skip
 
 
@@ -337,6 +384,10 @@ def merge_train_config(
             if k not in fields:
                 raise ConfigError(f"{label}: unknown option {k!r}")
             values[k] = v
+    if "d_steps" not in values:  # the default number of D steps depends on the loss
+        from facegan_dist.losses import WASSERSTEIN
+
+        values["d_steps"] = 5 if values.get("loss") in WASSERSTEIN else 1
     explicit = {k for src in (file_values, flags or {}) for k, v in src.items() if v is not None}
     if "epochs" in explicit and "max_steps" not in explicit:
         values["max_steps"] = None  # an explicit --epochs beats a preset's (or saved) --max-steps

@@ -20,7 +20,7 @@ WEIGHTS_NAME = "generator.safetensors"  # the EMA of G when training kept one, e
 RAW_WEIGHTS_NAME = "generator_raw.safetensors"  # G itself, written only beside an EMA export
 META_NAME = "generator.json"
 # The TrainConfig fields that define G's architecture.
-ARCH_KEYS = ("arch", "act", "dropout", "z_dim", "g_width", "d_width")
+ARCH_KEYS = ("arch", "act", "dropout", "z_dim", "g_width", "d_width", "upsample", "spectral_norm")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -33,13 +33,42 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def generator_meta(cfg: dict[str, Any], resolution: int, attribute_names: list[str]) -> dict:
+def generator_meta(
+    cfg: dict[str, Any],
+    resolution: int,
+    attribute_names: list[str],
+    condition: list[str] | None = None,
+    d_norm: str = "batch",
+) -> dict:
+    """What rebuilds G (and D) without the training config: architecture, resolution, the
+    shards' attribute names and, for a conditional G, the attributes it is conditioned on."""
     return {
         "format_version": 1,
         "resolution": resolution,
         "attribute_names": list(attribute_names),
-        **{k: cfg[k] for k in ARCH_KEYS},
+        "condition": list(condition or []),
+        "d_norm": d_norm,
+        **{k: cfg[k] for k in ARCH_KEYS if k in cfg},
     }
+
+
+def build_from_meta(meta: dict[str, Any]):
+    """(G, D) built from a generator meta (older metas lack the newer keys: defaults)."""
+    from facegan_dist.models import build_models
+
+    return build_models(
+        meta["arch"],
+        resolution=meta["resolution"],
+        z_dim=meta["z_dim"],
+        g_width=meta["g_width"],
+        d_width=meta["d_width"],
+        act=meta["act"],
+        dropout=meta["dropout"],
+        upsample=meta.get("upsample", "convtranspose"),
+        d_norm=meta.get("d_norm", "batch"),
+        spectral_norm=meta.get("spectral_norm", "none"),
+        n_cond=len(meta.get("condition") or []),
+    )
 
 
 def _save_state_dict(module: nn.Module, path: Path) -> None:
@@ -71,8 +100,6 @@ def load_generator(
     `ema=False` loads the raw G of an export that has an EMA."""
     from safetensors.torch import load_file
 
-    from facegan_dist.models import build_models
-
     path = Path(path)
     folder = path.parent if path.suffix == ".safetensors" else path
     weights, meta_path = folder / WEIGHTS_NAME, folder / META_NAME
@@ -82,15 +109,7 @@ def load_generator(
         raise CheckpointError(f"{folder}: no exported generator ({WEIGHTS_NAME} + {META_NAME})")
     try:
         meta = json.loads(meta_path.read_text())
-        G, _ = build_models(
-            meta["arch"],
-            resolution=meta["resolution"],
-            z_dim=meta["z_dim"],
-            g_width=meta["g_width"],
-            d_width=meta["d_width"],
-            act=meta["act"],
-            dropout=meta["dropout"],
-        )
+        G, _ = build_from_meta(meta)
         G.load_state_dict(load_file(str(weights), device="cpu"))
     except (KeyError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

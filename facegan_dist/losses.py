@@ -11,7 +11,13 @@ Kinds (`--loss`), each a (d_fn, g_fn) pair in `LOSSES`:
              D confidently rejects fakes (D(G(z)) ~ 0) G's gradient vanishes.
     ns       non-saturating: G minimises -E[log D(G(z))] (same fixed point, strong gradient early).
 Both share D's loss, BCE with targets real=1, fake=0: E[softplus(-l_real)] + E[softplus(l_fake)].
-A later loss (wgan, hinge) is one more entry in `LOSSES`.
+    wgan     Wasserstein (Arjovsky et al. 2017): the critic maximises E[C(x)] - E[C(G(z))], G
+             minimises -E[C(G(z))]; the Lipschitz constraint comes from weight clipping.
+    wgan-gp  the same objective; the constraint is the gradient penalty of Gulrajani et al. 2017,
+             added by the D step (`train/steps.py`: it needs D and the images, not just logits).
+    hinge    (Lim & Ye 2017, SNGAN): D minimises E[relu(1 - C(x))] + E[relu(1 + C(G(z)))], G
+             minimises -E[C(G(z))].
+For wgan/wgan-gp/hinge the stats d_real / d_fake are mean critic outputs, not probabilities.
 
 Stats are detached device tensors (no `.item()`, no host sync); reduce them at log time.
     d step: loss_d, d_real = mean D(x), d_fake = mean D(G(z))
@@ -62,6 +68,30 @@ def _g_ns(fake_logits: Tensor) -> tuple[Tensor, Stats]:
     return loss, _g_stats(loss, fake)
 
 
+def _critic_stats(loss: Tensor, real: Tensor, fake: Tensor) -> Stats:
+    return {"loss_d": loss.detach(), "d_real": real.detach().mean(), "d_fake": fake.detach().mean()}
+
+
+def _d_wgan(real_logits: Tensor, fake_logits: Tensor) -> tuple[Tensor, Stats]:
+    """The critic maximises E[C(x)] - E[C(G(z))]: minimises the negation."""
+    real, fake = real_logits.float(), fake_logits.float()
+    loss = fake.mean() - real.mean()
+    return loss, _critic_stats(loss, real, fake)
+
+
+def _d_hinge(real_logits: Tensor, fake_logits: Tensor) -> tuple[Tensor, Stats]:
+    real, fake = real_logits.float(), fake_logits.float()
+    loss = F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
+    return loss, _critic_stats(loss, real, fake)
+
+
+def _g_critic(fake_logits: Tensor) -> tuple[Tensor, Stats]:
+    """G maximises the critic's score of its samples (wgan, wgan-gp, hinge)."""
+    fake = fake_logits.float()
+    loss = -fake.mean()
+    return loss, {"loss_g": loss.detach(), "d_fake_g": fake.detach().mean()}
+
+
 class LossPair(NamedTuple):
     d: Callable[[Tensor, Tensor], tuple[Tensor, Stats]]  # (real_logits, fake_logits)
     g: Callable[[Tensor], tuple[Tensor, Stats]]  # (fake_logits)
@@ -70,7 +100,11 @@ class LossPair(NamedTuple):
 LOSSES: dict[str, LossPair] = {
     "minimax": LossPair(d=_d_bce, g=_g_minimax),
     "ns": LossPair(d=_d_bce, g=_g_ns),
+    "wgan": LossPair(d=_d_wgan, g=_g_critic),
+    "wgan-gp": LossPair(d=_d_wgan, g=_g_critic),
+    "hinge": LossPair(d=_d_hinge, g=_g_critic),
 }
+WASSERSTEIN = ("wgan", "wgan-gp")  # losses whose default is 5 critic steps per G step
 
 
 def get_loss(kind: str) -> LossPair:

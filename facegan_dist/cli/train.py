@@ -52,8 +52,8 @@ def train_cmd(
     preset: Annotated[
         str | None,
         typer.Option(
-            help="paper-mlp-relu | paper-mlp-leaky | paper-dcgan | paper-final | tutorial | demo. "
-            "[default: tutorial]",
+            help="paper-mlp-relu | paper-mlp-leaky | paper-dcgan | paper-final | tutorial | demo | "
+            "wgan-gp | sngan-hinge | cgan. [default: tutorial]",
             rich_help_panel=DATA,
         ),
     ] = None,
@@ -82,10 +82,56 @@ def train_cmd(
     d_width: Annotated[
         int | None, typer.Option(help="DCGAN D width. [default: 64]", rich_help_panel=MODEL)
     ] = None,
+    upsample: Annotated[
+        str | None,
+        typer.Option(
+            help="DCGAN G upsampling: convtranspose | nearest | bilinear (no checkerboard).",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
+    d_norm: Annotated[
+        str | None,
+        typer.Option(
+            help="DCGAN D norm: batch | none | auto (none for wgan-gp / SN D).",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
+    spectral_norm: Annotated[
+        str | None,
+        typer.Option(help="Spectral normalisation: none | d | g | both.", rich_help_panel=MODEL),
+    ] = None,
+    condition: Annotated[
+        str | None,
+        typer.Option(
+            help="Conditional GAN on shard attributes: all | Smiling,Male,...",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
     loss: Annotated[
         str | None,
         typer.Option(
             help="ns (non-saturating) | minimax (the paper's). [default: ns]", rich_help_panel=OBJ
+        ),
+    ] = None,
+    gp_lambda: Annotated[
+        float | None,
+        typer.Option(help="wgan-gp penalty weight. [default: 10]", rich_help_panel=OBJ),
+    ] = None,
+    clip: Annotated[
+        float | None,
+        typer.Option(help="wgan weight clipping. [default: 0.01]", rich_help_panel=OBJ),
+    ] = None,
+    r1: Annotated[
+        float | None,
+        typer.Option(
+            help="R1 gamma on real data, lazy every 16 D steps (0 = off).", rich_help_panel=OBJ
+        ),
+    ] = None,
+    augment: Annotated[
+        str | None,
+        typer.Option(
+            help="DiffAugment policy: color,translation,cutout (or a subset; none).",
+            rich_help_panel=OBJ,
         ),
     ] = None,
     d_every: Annotated[
@@ -213,7 +259,9 @@ def train_cmd(
 
     flags = dict(
         data=data, out=out, split=split, arch=arch, act=act, dropout=dropout, z_dim=z_dim,
-        g_width=g_width, d_width=d_width, loss=loss, d_every=d_every, d_steps=d_steps,
+        g_width=g_width, d_width=d_width, upsample=upsample, d_norm=d_norm,
+        spectral_norm=spectral_norm, condition=condition, gp_lambda=gp_lambda, clip=clip, r1=r1,
+        augment=augment, loss=loss, d_every=d_every, d_steps=d_steps,
         lr_g=lr_g, lr_d=lr_d, betas_g=_betas(betas_g), betas_d=_betas(betas_d), batch=batch,
         epochs=epochs, max_steps=max_steps, ema_kimg=ema_kimg, ema_rampup=ema_rampup,
         precision=precision, seed=seed, sync_bn=sync_bn,

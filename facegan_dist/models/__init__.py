@@ -5,7 +5,8 @@ Models are plain nn.Modules (no ranks, devices or Accelerate). G maps z [B, z_di
 
 Which options an architecture reads:
     mlp    resolution, z_dim, act, dropout  (hidden sizes fixed by the paper)
-    dcgan  resolution, z_dim, g_width, d_width  (activations fixed by Radford et al.)
+    dcgan  resolution, z_dim, g_width, d_width, upsample, d_norm  (activations: Radford et al.)
+    both   n_cond (conditional GAN on binary attributes), spectral_norm (d | g | both | none)
 """
 
 from __future__ import annotations
@@ -13,10 +14,17 @@ from __future__ import annotations
 from torch import nn
 
 from facegan_dist.errors import ConfigError
-from facegan_dist.models.dcgan import DCGANDiscriminator, DCGANGenerator, dcgan_init_
+from facegan_dist.models.dcgan import (
+    D_NORMS,
+    UPSAMPLES,
+    DCGANDiscriminator,
+    DCGANGenerator,
+    dcgan_init_,
+)
 from facegan_dist.models.mlp import ACTS, MLPDiscriminator, MLPGenerator
 
 ARCHS = ("mlp", "dcgan")
+SPECTRAL_NORMS = ("none", "d", "g", "both")
 RESOLUTIONS: dict[str, tuple[int, ...]] = {
     "mlp": (16, 32, 64, 128),  # any size works; 128 px is ~50M weights per net
     "dcgan": (16, 32, 64, 128),
@@ -32,6 +40,10 @@ def build_models(
     d_width: int = 64,
     act: str = "relu",
     dropout: float = 0.3,
+    upsample: str = "convtranspose",
+    d_norm: str = "batch",
+    spectral_norm: str = "none",
+    n_cond: int = 0,
 ) -> tuple[nn.Module, nn.Module]:
     """Build (G, D) for `arch`, initialised; raises ConfigError naming the offending flag."""
     if arch not in ARCHS:
@@ -42,20 +54,48 @@ def build_models(
         raise ConfigError(f"--resolution {resolution} is not supported by {arch} ({sizes_txt})")
     if z_dim < 1:
         raise ConfigError(f"--z-dim {z_dim} must be at least 1")
+    if spectral_norm not in SPECTRAL_NORMS:
+        raise ConfigError(
+            f"--spectral-norm {spectral_norm!r} must be one of {', '.join(SPECTRAL_NORMS)}"
+        )
+    if upsample not in UPSAMPLES:
+        raise ConfigError(f"--upsample {upsample!r} must be one of {', '.join(UPSAMPLES)}")
+    if d_norm not in D_NORMS:
+        raise ConfigError(f"--d-norm {d_norm!r} must be one of {', '.join(D_NORMS)}")
     if arch == "mlp":
         if act not in ACTS:
             raise ConfigError(f"--act {act!r} must be one of {', '.join(ACTS)}")
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"--dropout {dropout} must be in [0, 1)")
-        G = MLPGenerator(resolution=resolution, z_dim=z_dim, act=act, dropout=dropout)
-        D = MLPDiscriminator(resolution=resolution, act=act, dropout=dropout)
-        return G, D
-    for flag, width in (("--g-width", g_width), ("--d-width", d_width)):
-        if width < 1:
-            raise ConfigError(f"{flag} {width} must be at least 1")
-    G = DCGANGenerator(resolution=resolution, z_dim=z_dim, width=g_width)
-    D = DCGANDiscriminator(resolution=resolution, width=d_width)
+        G = MLPGenerator(resolution=resolution, z_dim=z_dim, act=act, dropout=dropout,
+                         n_cond=n_cond)  # fmt: skip
+        D = MLPDiscriminator(resolution=resolution, act=act, dropout=dropout, n_cond=n_cond)
+    else:
+        for flag, width in (("--g-width", g_width), ("--d-width", d_width)):
+            if width < 1:
+                raise ConfigError(f"{flag} {width} must be at least 1")
+        G = DCGANGenerator(resolution=resolution, z_dim=z_dim, width=g_width, upsample=upsample,
+                           n_cond=n_cond)  # fmt: skip
+        D = DCGANDiscriminator(resolution=resolution, width=d_width, norm=d_norm, n_cond=n_cond)
+    if spectral_norm in ("g", "both"):
+        apply_spectral_norm(G)
+    if spectral_norm in ("d", "both"):
+        apply_spectral_norm(D)
     return G, D
+
+
+def apply_spectral_norm(model: nn.Module) -> nn.Module:
+    """Spectral normalisation (Miyato et al. 2018) of every conv / linear weight, in place: the
+    weight is divided by its largest singular value, estimated by one power iteration per
+    forward in train mode (torch's parametrization; the estimate is a buffer)."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    layers = [
+        m for m in model.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear)
+    ]
+    for m in layers:
+        spectral_norm(m)
+    return model
 
 
 def count_params(m: nn.Module) -> int:
@@ -65,6 +105,10 @@ def count_params(m: nn.Module) -> int:
 
 __all__ = [
     "ACTS",
+    "D_NORMS",
+    "SPECTRAL_NORMS",
+    "UPSAMPLES",
+    "apply_spectral_norm",
     "ARCHS",
     "RESOLUTIONS",
     "DCGANDiscriminator",

@@ -19,15 +19,28 @@ minus D's final Sigmoid: D returns logits and the sigmoid lives inside the loss.
 
 All convolutions are bias-free (BatchNorm follows them, or, for the last D layer, the tutorial
 has none); `dcgan_init_` draws the weights. The block builders `_up_block` / `_down_block` are
-the single place where a later option (spectral norm, another upsampling) would change a layer.
+the single place where an option changes a layer. Options (defaults = the tutorial net):
+
+- `upsample` (G): `convtranspose` (the tutorial), or `nearest` / `bilinear`: resize x2 then a 3x3
+  convolution, which removes the checkerboard artefacts of strided transposed convolutions
+  (Odena et al. 2016, cited in the Italian notes).
+- `norm` (D): `batch` (the tutorial) or `none`: a WGAN-GP penalty is per sample and BatchNorm
+  couples the samples of a batch, so gradient-penalty and spectral-norm critics go without it.
+- `n_cond` (both): a conditional GAN (Mirza & Osindero) on `n_cond` binary attributes c in
+  {0, 1}: G reads [z, 2c-1]; D is a projection discriminator (Miyato & Koyama 2018): logit =
+  final_conv(h) + <W (2c-1), sum_xy h> with h the 4x4 features.
+Spectral normalisation is applied by the registry (`models/__init__.py`) on top of any net.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 IMG_CHANNELS = 3
 RESOLUTIONS = (16, 32, 64, 128)
+UPSAMPLES = ("convtranspose", "nearest", "bilinear")
+D_NORMS = ("batch", "none")
 LEAKY_SLOPE = 0.2
 INIT_STD = 0.02
 
@@ -39,14 +52,18 @@ def n_doublings(resolution: int) -> int:
     return resolution.bit_length() - 3  # log2(S) - 2 for a power of two
 
 
-def _up_block(c_in: int, c_out: int, *, first: bool) -> list[nn.Module]:
-    """ConvTranspose + BN + ReLU: 1x1 -> 4x4 when `first`, else doubles H and W."""
-    kernel, stride, pad = (4, 1, 0) if first else (4, 2, 1)
-    return [
-        nn.ConvTranspose2d(c_in, c_out, kernel, stride, pad, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
-    ]
+def _up_block(c_in: int, c_out: int, *, first: bool, upsample: str = "convtranspose"):
+    """[upsample] + BN + ReLU: 1x1 -> 4x4 when `first` (always a 4x4 transposed conv), else
+    doubles H and W with a strided transposed conv or resize + 3x3 conv."""
+    if first or upsample == "convtranspose":
+        kernel, stride, pad = (4, 1, 0) if first else (4, 2, 1)
+        layers: list[nn.Module] = [nn.ConvTranspose2d(c_in, c_out, kernel, stride, pad, bias=False)]
+    else:
+        layers = [
+            nn.Upsample(scale_factor=2, mode=upsample),  # [B, c_in, 2H, 2W]
+            nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False),  # [B, c_out, 2H, 2W]
+        ]
+    return [*layers, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
 def _down_block(c_in: int, c_out: int, *, batchnorm: bool) -> list[nn.Module]:
@@ -59,50 +76,76 @@ def _down_block(c_in: int, c_out: int, *, batchnorm: bool) -> list[nn.Module]:
 
 
 class DCGANGenerator(nn.Module):
-    """z [B, z_dim] -> image [B, 3, S, S] in [-1, 1]."""
+    """z [B, z_dim] (+ c [B, n_cond] in {0, 1}) -> image [B, 3, S, S] in [-1, 1]."""
 
-    def __init__(self, *, resolution: int, z_dim: int = 100, width: int = 64) -> None:
+    def __init__(
+        self,
+        *,
+        resolution: int,
+        z_dim: int = 100,
+        width: int = 64,
+        upsample: str = "convtranspose",
+        n_cond: int = 0,
+    ) -> None:
         super().__init__()
+        if upsample not in UPSAMPLES:
+            raise ValueError(f"upsample {upsample!r} must be one of {UPSAMPLES}")
         n = n_doublings(resolution)
-        self.resolution = resolution
-        self.z_dim = z_dim
+        self.resolution, self.z_dim, self.n_cond = resolution, z_dim, n_cond
         # Channels at 4x4, 8x8, ..., S/2 x S/2: width * 2^(n-1), ..., width * 2, width.
         widths = [width * 2 ** (n - 1 - i) for i in range(n)]
-        layers = _up_block(z_dim, widths[0], first=True)  # [B, width*2^(n-1), 4, 4]
+        layers = _up_block(z_dim + n_cond, widths[0], first=True)  # [B, width*2^(n-1), 4, 4]
         for i in range(1, n):
             # [B, width*2^(n-1-i), 4*2^i, 4*2^i]
-            layers += _up_block(widths[i - 1], widths[i], first=False)
-        layers += [
-            nn.ConvTranspose2d(widths[-1], IMG_CHANNELS, 4, 2, 1, bias=False),  # [B, 3, S, S]
-            nn.Tanh(),
-        ]
+            layers += _up_block(widths[i - 1], widths[i], first=False, upsample=upsample)
+        if upsample == "convtranspose":
+            last: list[nn.Module] = [
+                nn.ConvTranspose2d(widths[-1], IMG_CHANNELS, 4, 2, 1, bias=False)
+            ]
+        else:
+            last = [nn.Upsample(scale_factor=2, mode=upsample),
+                    nn.Conv2d(widths[-1], IMG_CHANNELS, 3, 1, 1, bias=False)]  # fmt: skip
+        layers += [*last, nn.Tanh()]  # [B, 3, S, S]
         self.main = nn.Sequential(*layers)
         dcgan_init_(self)
 
-    def forward(self, z: Tensor) -> Tensor:
-        return self.main(z[:, :, None, None])  # [B, z, 1, 1] -> [B, 3, S, S]
+    def forward(self, z: Tensor, c: Tensor | None = None) -> Tensor:
+        if self.n_cond:
+            z = torch.cat([z, 2 * c.to(z.dtype) - 1], dim=1)  # [B, z + n_cond]
+        return self.main(z[:, :, None, None])  # [B, z(+c), 1, 1] -> [B, 3, S, S]
 
 
 class DCGANDiscriminator(nn.Module):
-    """image [B, 3, S, S] -> logits [B] (no sigmoid)."""
+    """image [B, 3, S, S] (+ c [B, n_cond]) -> logits [B] (no sigmoid)."""
 
-    def __init__(self, *, resolution: int, width: int = 64) -> None:
+    def __init__(
+        self, *, resolution: int, width: int = 64, norm: str = "batch", n_cond: int = 0
+    ) -> None:
         super().__init__()
+        if norm not in D_NORMS:
+            raise ValueError(f"norm {norm!r} must be one of {D_NORMS}")
         n = n_doublings(resolution)
-        self.resolution = resolution
+        self.resolution, self.n_cond = resolution, n_cond
         # Channels at S/2, S/4, ..., 4x4: width, width * 2, ..., width * 2^(n-1).
         widths = [width * 2**i for i in range(n)]
         # No BN on the first layer (Radford et al.): it would normalise the input image.
         layers = _down_block(IMG_CHANNELS, widths[0], batchnorm=False)  # [B, width, S/2, S/2]
         for i in range(1, n):
             # [B, width*2^i, S/2^(i+1), S/2^(i+1)]
-            layers += _down_block(widths[i - 1], widths[i], batchnorm=True)
+            layers += _down_block(widths[i - 1], widths[i], batchnorm=norm == "batch")
         layers.append(nn.Conv2d(widths[-1], 1, 4, 1, 0, bias=False))  # [B, 1, 1, 1]
         self.main = nn.Sequential(*layers)
+        if n_cond:
+            self.embed = nn.Linear(n_cond, widths[-1], bias=False)  # projection of c
         dcgan_init_(self)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.main(x).flatten()  # [B, 1, 1, 1] -> [B] logits
+    def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:
+        if not self.n_cond:
+            return self.main(x).flatten()  # [B, 1, 1, 1] -> [B] logits
+        h = self.main[:-1](x)  # [B, C, 4, 4]
+        out = self.main[-1](h).flatten()  # [B]
+        proj = self.embed(2 * c.to(h.dtype) - 1)  # [B, C]
+        return out + (proj * h.sum(dim=(2, 3))).sum(dim=1)  # [B]
 
 
 def dcgan_init_(module: nn.Module) -> nn.Module:
@@ -114,6 +157,8 @@ def dcgan_init_(module: nn.Module) -> nn.Module:
             nn.init.normal_(m.weight, 0.0, INIT_STD)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, INIT_STD)
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.normal_(m.weight, 1.0, INIT_STD)
             nn.init.zeros_(m.bias)

@@ -14,12 +14,14 @@ Reading of the paper (pt), which follows the Real Python MNIST GAN tutorial:
   same activation is used in both nets, as the paper switched D and G together.
 
 Weights keep PyTorch's default Linear init, as in the tutorial (no DCGAN init here).
+Conditional (`n_cond` > 0): G reads [z, 2c-1] and D reads [x, 2c-1], c in {0, 1}^n_cond.
 """
 
 from __future__ import annotations
 
 from itertools import pairwise
 
+import torch
 from torch import Tensor, nn
 
 IMG_CHANNELS = 3
@@ -49,20 +51,27 @@ class MLPGenerator(nn.Module):
     """z [B, z_dim] -> image [B, 3, S, S] in [-1, 1]."""
 
     def __init__(
-        self, *, resolution: int, z_dim: int = 100, act: str = "relu", dropout: float = 0.3
+        self,
+        *,
+        resolution: int,
+        z_dim: int = 100,
+        act: str = "relu",
+        dropout: float = 0.3,
+        n_cond: int = 0,
     ) -> None:
         super().__init__()
-        self.resolution = resolution
-        self.z_dim = z_dim
+        self.resolution, self.z_dim, self.n_cond = resolution, z_dim, n_cond
         n_out = IMG_CHANNELS * resolution * resolution
         self.main = nn.Sequential(
-            # [B, z] -> [B, 256] -> [B, 512] -> [B, 1024], each Linear + act + Dropout
-            *_hidden_stack((z_dim, *G_HIDDEN), act, dropout),
+            # [B, z(+c)] -> [B, 256] -> [B, 512] -> [B, 1024], each Linear + act + Dropout
+            *_hidden_stack((z_dim + n_cond, *G_HIDDEN), act, dropout),
             nn.Linear(G_HIDDEN[-1], n_out),  # [B, 3*S*S]
             nn.Tanh(),
         )
 
-    def forward(self, z: Tensor) -> Tensor:
+    def forward(self, z: Tensor, c: Tensor | None = None) -> Tensor:
+        if self.n_cond:
+            z = torch.cat([z, 2 * c.to(z.dtype) - 1], dim=1)  # [B, z + n_cond]
         x = self.main(z)  # [B, 3*S*S]
         return x.view(z.shape[0], IMG_CHANNELS, self.resolution, self.resolution)  # [B, 3, S, S]
 
@@ -70,16 +79,20 @@ class MLPGenerator(nn.Module):
 class MLPDiscriminator(nn.Module):
     """image [B, 3, S, S] -> logits [B] (no sigmoid)."""
 
-    def __init__(self, *, resolution: int, act: str = "relu", dropout: float = 0.3) -> None:
+    def __init__(
+        self, *, resolution: int, act: str = "relu", dropout: float = 0.3, n_cond: int = 0
+    ) -> None:
         super().__init__()
-        self.resolution = resolution
-        n_in = IMG_CHANNELS * resolution * resolution
+        self.resolution, self.n_cond = resolution, n_cond
+        n_in = IMG_CHANNELS * resolution * resolution + n_cond
         self.main = nn.Sequential(
-            nn.Flatten(),  # [B, 3*S*S]
-            # [B, 3*S*S] -> [B, 1024] -> [B, 512] -> [B, 256], each Linear + act + Dropout
+            # [B, 3*S*S(+c)] -> [B, 1024] -> [B, 512] -> [B, 256], each Linear + act + Dropout
             *_hidden_stack((n_in, *D_HIDDEN), act, dropout),
             nn.Linear(D_HIDDEN[-1], 1),  # [B, 1]
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:
+        x = x.flatten(1)  # [B, 3*S*S]
+        if self.n_cond:
+            x = torch.cat([x, 2 * c.to(x.dtype) - 1], dim=1)  # [B, 3*S*S + n_cond]
         return self.main(x).squeeze(1)  # [B] logits

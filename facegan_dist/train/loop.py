@@ -30,6 +30,7 @@ from facegan_dist.errors import CheckpointError, ConfigError, DataError, Trainin
 from facegan_dist.export import atomic_write_text, export_generator, generator_meta
 from facegan_dist.sampling import fixed_noise, grid_uint8
 from facegan_dist.train import checkpoint
+from facegan_dist.train.augment import parse_policy
 from facegan_dist.train.ema import EMA
 from facegan_dist.train.steps import GANStep, to_model_input
 
@@ -52,6 +53,21 @@ def resolve_config(
     saved.pop("resume", None)
     cfg = merge_train_config(preset, config_file, flags, base=saved)
     return cfg.validate(), ckpt
+
+
+def resolve_condition(spec: str | None, attribute_names: list[str]) -> list[str]:
+    """--condition all | A,B,... -> the attribute names to condition on (checked)."""
+    if spec is None:
+        return []
+    if not attribute_names:
+        raise ConfigError(f"--condition {spec}: the shards have no attributes (a plain folder)")
+    if spec.strip() == "all":
+        return list(attribute_names)
+    names = [x.strip() for x in spec.split(",") if x.strip()]
+    for name in names:
+        if name not in attribute_names:
+            raise ConfigError(f"--condition: {name!r} is not an attribute of the shards")
+    return names
 
 
 def read_data_manifest(cfg: TrainConfig) -> dict[str, Any]:
@@ -160,6 +176,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
 
     # ---- models and optimizers: identical init on every rank, then per-rank noise seeds ----
     set_seed(cfg.seed)
+    condition = resolve_condition(cfg.condition, attribute_names)
+    cond_idx = torch.tensor([attribute_names.index(a) for a in condition], dtype=torch.long)
     G, D = build_models(
         cfg.arch,
         resolution=resolution,
@@ -168,6 +186,10 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         d_width=cfg.d_width,
         act=cfg.act,
         dropout=cfg.dropout,
+        upsample=cfg.upsample,
+        d_norm=cfg.resolved_d_norm,
+        spectral_norm=cfg.spectral_norm,
+        n_cond=len(condition),
     )
     if cfg.sync_bn and world > 1:
         G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(G)
@@ -178,9 +200,13 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
     G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
     dist.seed_rank(acc, cfg.seed)
     noise = fixed_noise(cfg.n_samples, cfg.z_dim, cfg.seed)
+    fixed_c: torch.Tensor | None = None  # conditions of the fixed grid (conditional GAN)
     # The EMA of G (every rank keeps the same copy; not prepared: it never trains).
     ema = EMA(acc.unwrap_model(G), cfg.ema_kimg, cfg.ema_rampup) if cfg.ema_kimg > 0 else None
 
+    gen_meta = generator_meta(
+        to_jsonable(cfg), resolution, attribute_names, condition, cfg.resolved_d_norm
+    )
     runtime = {
         **dist.runtime_info(acc, cfg.batch),
         "dataset": {"path": str(cfg.data), "split": cfg.split, "num_samples": stream.num_samples},
@@ -215,6 +241,9 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
             )
         state, tensors = checkpoint.load(acc, resume_from)
         noise = tensors["fixed_noise"]["z"]
+        fixed_c = tensors["fixed_noise"].get("c")
+        if fixed_c is not None:
+            fixed_c = fixed_c.to(acc.device)
         if ema is not None:
             if "ema" not in tensors:
                 raise CheckpointError(f"{resume_from}: has no EMA of G; resume with --ema-kimg 0")
@@ -255,15 +284,18 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
             "data_layout": stream.layout(),
             "rank_param_sha256": dist.param_digests(acc, G, D),  # equal on every rank
             # enough to rebuild G from this checkpoint alone (`facegan sample CKPT`)
-            "generator": generator_meta(to_jsonable(cfg), resolution, attribute_names),
+            "generator": gen_meta,
             "config": to_jsonable(cfg),
         }
 
     device = acc.device
     gan_step = GANStep(
         acc, G, D, opt_g, opt_d, loss=cfg.loss, d_every=cfg.d_every, d_steps=cfg.d_steps,
-        batch=cfg.batch, z_dim=cfg.z_dim, seed=cfg.seed,
+        batch=cfg.batch, z_dim=cfg.z_dim, seed=cfg.seed, resolution=resolution,
+        augment=parse_policy(cfg.augment), gp_lambda=cfg.gp_lambda, r1_gamma=cfg.r1,
+        clip=cfg.clip,
     )  # fmt: skip
+    cond_idx = cond_idx.to(device)
     last_log_t, last_log_images = time.perf_counter(), images_seen
     last_row: dict[str, Any] = {}
     last_grid: Path | None = None
@@ -298,28 +330,39 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
 
     def ckpt_tensors() -> dict[str, dict[str, torch.Tensor]]:
         tensors = {"fixed_noise": {"z": noise}}
+        if fixed_c is not None:
+            tensors["fixed_noise"]["c"] = fixed_c
         if ema is not None:
             tensors["ema"] = ema.state_dict()
         return tensors
 
     def sample_grid() -> Path:
         G_eval = ema.module if ema is not None else acc.unwrap_model(G)
-        from facegan_dist.sampling import generate
-
-        grid = grid_uint8(generate(G_eval, noise))
+        was_training = G_eval.training
+        G_eval.eval()
+        with torch.no_grad():
+            c = fixed_c if condition else None
+            images = G_eval(noise.to(device), c).float().cpu()
+        G_eval.train(was_training)
+        grid = grid_uint8(images)
         path = run_dir / "samples" / f"fixed-{step:09d}.png"
         logger.image("samples/fixed_noise", grid, step, path)
         return path
 
-    def next_real() -> torch.Tensor:
-        nonlocal real_logged
-        images_u8, _attrs = next(data_iter)
+    def next_real() -> tuple[torch.Tensor, torch.Tensor | None]:
+        nonlocal real_logged, fixed_c
+        images_u8, attrs = next(data_iter)
+        c = attrs.to(device, non_blocking=True)[:, cond_idx] if condition else None
+        if condition and fixed_c is None:
+            # the grid's conditions: real attribute combinations of the first batch (repeated)
+            reps = -(-cfg.n_samples // len(c))
+            fixed_c = c.repeat(reps, 1)[: cfg.n_samples].clone()
         if not real_logged:
             if acc.is_main_process:
                 grid = grid_uint8(images_u8[: cfg.n_samples])
                 logger.image("samples/real", grid, step, run_dir / "samples" / "real.png")
             real_logged = True
-        return to_model_input(images_u8, device)
+        return to_model_input(images_u8, device), c
 
     stop = _StopFlag()
     progress = make_progress(enabled=acc.is_main_process)
@@ -371,7 +414,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
     if not preempted:
         export_dir = run_dir / "export"
         if acc.is_main_process:
-            meta = generator_meta(to_jsonable(cfg), resolution, attribute_names)
+            meta = gen_meta
             G_raw = acc.unwrap_model(G, keep_fp32_wrapper=False)
             export_generator(G_raw, meta, export_dir, ema=ema.module if ema else None)
         acc.wait_for_everyone()

@@ -26,23 +26,88 @@ def to_model_input(images_u8: Tensor, device: torch.device) -> Tensor:
     return x.float().div_(127.5).sub_(1.0)
 
 
-def d_step(acc, D: nn.Module, opt_d, real: Tensor, fake: Tensor, loss: str) -> Stats:
-    """One D update on a real batch and a DETACHED fake batch (G gets no gradient)."""
-    real_logits = D(real)
-    fake_logits = D(fake)
+def input_gradient(acc, out: Tensor, inp: Tensor) -> Tensor:
+    """d(sum out)/d(inp) with a graph (for penalties), computed from UNSCALED gradients: under
+    fp16 the output is multiplied by the loss scale before autograd.grad and the gradient divided
+    by it afterwards (PyTorch's AMP gradient-penalty recipe), so small gradients don't underflow.
+    With bf16 or fp32 there is no scaler and the scale is 1."""
+    scaler = getattr(acc, "scaler", None)
+    scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+    (grad,) = torch.autograd.grad(out.float().sum() * scale, inp, create_graph=True)
+    return grad.float() / scale
+
+
+def gradient_penalty(acc, D: nn.Module, real: Tensor, fake: Tensor, eps: Tensor, c=None) -> Tensor:
+    """WGAN-GP (Gulrajani et al. 2017): E[(||grad_x D(x_hat)|| - 1)^2] on x_hat = eps * real +
+    (1 - eps) * fake, eps ~ U(0, 1) per sample."""
+    x_hat = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
+    grad = input_gradient(acc, D(x_hat, c), x_hat)
+    return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+
+def r1_penalty(acc, real_logits: Tensor, real_in: Tensor) -> Tensor:
+    """R1 (Mescheder et al. 2018): E[||grad_x D(x)||^2] on real data (real_in requires grad)."""
+    grad = input_gradient(acc, real_logits, real_in)
+    return grad.flatten(1).pow(2).sum(dim=1).mean()
+
+
+def d_step(
+    acc,
+    D: nn.Module,
+    opt_d,
+    real: Tensor,
+    fake: Tensor,
+    loss: str,
+    *,
+    c: Tensor | None = None,
+    aug: dict | None = None,
+    gp: tuple[float, Tensor] | None = None,
+    r1: float = 0.0,
+    clip: float | None = None,
+) -> Stats:
+    """One D update on a real batch and a DETACHED fake batch (G gets no gradient).
+
+    aug: DiffAugment parameters, applied to real and fake alike; gp: (lambda, eps) for WGAN-GP;
+    r1: gamma/2 times the lazy interval when R1 is due on this step, else 0; clip: WGAN weight
+    clipping bound applied after the update."""
+    from facegan_dist.train.augment import apply
+
+    real_in = apply(real, aug) if aug else real
+    fake_in = apply(fake, aug) if aug else fake
+    if r1:
+        real_in = real_in.detach().requires_grad_(True)
+    real_logits = D(real_in, c)
+    fake_logits = D(fake_in, c)
     loss_d, stats = d_loss(loss, real_logits, fake_logits)
+    if gp is not None:
+        lam, eps = gp
+        penalty = gradient_penalty(acc, D, real_in, fake_in, eps, c)
+        loss_d = loss_d + lam * penalty
+        stats["penalty"] = penalty.detach()
+    if r1:
+        penalty = r1_penalty(acc, real_logits, real_in)
+        loss_d = loss_d + r1 * penalty
+        stats["penalty"] = penalty.detach()
     acc.backward(loss_d)
     opt_d.step()
     opt_d.zero_grad(set_to_none=True)
+    if clip is not None:
+        with torch.no_grad():
+            for p in D.parameters():
+                p.clamp_(-clip, clip)
     return stats
 
 
-def g_step(acc, D: nn.Module, opt_g, fake: Tensor, loss: str) -> Stats:
+def g_step(
+    acc, D: nn.Module, opt_g, fake: Tensor, loss: str, *, c=None, aug: dict | None = None
+) -> Stats:
     """One G update from `fake = G(z)` (with its graph) through a frozen D: D's parameters get no
     gradient, so nothing leaks into D even on a non-sync micro-step."""
+    from facegan_dist.train.augment import apply
+
     D.requires_grad_(False)
     try:
-        loss_g, stats = g_loss(loss, D(fake))
+        loss_g, stats = g_loss(loss, D(apply(fake, aug) if aug else fake, c))
         acc.backward(loss_g)
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
@@ -51,7 +116,8 @@ def g_step(acc, D: nn.Module, opt_g, fake: Tensor, loss: str) -> Stats:
     return stats
 
 
-STAT_KEYS = ("loss_d", "d_real", "d_fake", "loss_g", "d_fake_g")
+STAT_KEYS = ("loss_d", "d_real", "d_fake", "loss_g", "d_fake_g", "penalty")
+R1_EVERY = 16  # lazy R1: computed on one D step in 16, scaled by 16 (StyleGAN2)
 
 
 class GANStep:
@@ -59,10 +125,10 @@ class GANStep:
     on-device bookkeeping. Used by the training loop and by `facegan bench train`, so the
     benchmark times exactly the code that trains.
 
-    Noise: this rank's slice of the GLOBAL batch of noise drawn from a generator seeded by
-    (seed, step, phase), so a sample's noise does not depend on the number of processes and a
-    resumed run needs no RNG state for it. Stats: summed on the device (no host sync); the
-    caller reduces them at log time with `take_stats()`.
+    Randomness that must not depend on the number of processes (noise z, DiffAugment parameters,
+    the WGAN-GP mixing weights) is drawn for the GLOBAL batch from a generator seeded by
+    (seed, step, phase), and each rank takes its slice: a resumed run needs no RNG state for it.
+    Stats are summed on the device (no host sync); `take_stats()` reduces them at log time.
     """
 
     def __init__(
@@ -79,53 +145,96 @@ class GANStep:
         batch: int,
         z_dim: int,
         seed: int,
+        resolution: int = 0,
+        augment: tuple[str, ...] = (),
+        gp_lambda: float = 10.0,
+        r1_gamma: float = 0.0,
+        clip: float = 0.01,
     ) -> None:
         self.acc, self.G, self.D, self.opt_g, self.opt_d = acc, G, D, opt_g, opt_d
         self.loss, self.d_every, self.d_steps = loss, d_every, d_steps
         self.batch, self.z_dim, self.seed = batch, z_dim, seed
+        self.resolution, self.augment = resolution, augment
+        self.gp_lambda = gp_lambda if loss == "wgan-gp" else 0.0
+        self.r1_gamma = r1_gamma
+        self.clip = clip if loss == "wgan" else None
         self.device = acc.device
         bpd = batch // acc.num_processes
         self.rank_slice = slice(acc.process_index * bpd, (acc.process_index + 1) * bpd)
-        self.z_gen = torch.Generator(device=self.device)
+        self.gen = torch.Generator(device=self.device)
         # one G forward serves the D step (detached) and the G step when D trains once per step
         self.fused = d_steps == 1 and d_every == 1
         self.stats_sum = torch.zeros(len(STAT_KEYS), device=self.device)
         self.first_bad = torch.full((), float("inf"), device=self.device)  # first non-finite step
-        self.n_d = self.n_g = 0
+        self.n_d = self.n_g = self.n_pen = 0
+        self.d_updates = 0  # for lazy R1
+        self.last_c: Tensor | None = None
+
+    def _seed(self, step: int, phase: int) -> None:
+        """Phase 0 is the G update, 1..d_steps the D updates."""
+        self.gen.manual_seed((self.seed * 1_000_003 + step) * 64 + phase)
 
     def draw_z(self, step: int, phase: int) -> Tensor:
-        """Phase 0 is the G update, 1..d_steps the D updates."""
-        self.z_gen.manual_seed((self.seed * 1_000_003 + step) * 64 + phase)
-        z = torch.randn(self.batch, self.z_dim, device=self.device, generator=self.z_gen)
+        self._seed(step, phase)
+        z = torch.randn(self.batch, self.z_dim, device=self.device, generator=self.gen)
         return z[self.rank_slice]
+
+    def _draw_aug(self) -> dict | None:
+        """DiffAugment parameters for this rank's slice (call right after draw_z)."""
+        if not self.augment:
+            return None
+        from facegan_dist.train.augment import params, slice_params
+
+        p = params(self.augment, self.batch, self.resolution, self.gen, self.device)
+        return slice_params(p, self.rank_slice)
+
+    def _draw_eps(self) -> Tensor:
+        eps = torch.rand(self.batch, 1, 1, 1, device=self.device, generator=self.gen)
+        return eps[self.rank_slice]
 
     def _track(self, step: int, offset: int, values: list[Tensor]) -> None:
         self.stats_sum[offset : offset + len(values)] += torch.stack(values)
         bad = ~torch.isfinite(values[0])
         self.first_bad = torch.where(bad & torch.isinf(self.first_bad), step, self.first_bad)
 
-    def __call__(self, step: int, next_real: Callable[[], Tensor]) -> int:
-        """Run step `step`; `next_real()` returns a real batch (float in [-1, 1], on device).
-        Returns the number of real batches consumed."""
+    def __call__(self, step: int, next_real: Callable[[], tuple[Tensor, Tensor | None]]) -> int:
+        """Run step `step`; `next_real()` returns (real batch as float in [-1, 1] on the device,
+        condition c [B, n_cond] or None). Returns the number of real batches consumed."""
         consumed = 0
         fake = None
         if step % self.d_every == 0:
             for sub in range(self.d_steps):
-                real = next_real()
+                real, c = next_real()
+                self.last_c = c
                 z = self.draw_z(step, 1 + sub)
+                aug = self._draw_aug()
+                gp = (self.gp_lambda, self._draw_eps()) if self.gp_lambda else None
+                r1 = 0.0
+                if self.r1_gamma and self.d_updates % R1_EVERY == 0:
+                    r1 = self.r1_gamma / 2 * R1_EVERY
                 if self.fused:
-                    fake = self.G(z)
+                    fake = self.G(z, c)
                     fake_d = fake.detach()
                 else:
                     with torch.no_grad():
-                        fake_d = self.G(z)
-                sd = d_step(self.acc, self.D, self.opt_d, real, fake_d, self.loss)
+                        fake_d = self.G(z, c)
+                sd = d_step(self.acc, self.D, self.opt_d, real, fake_d, self.loss, c=c, aug=aug,
+                            gp=gp, r1=r1, clip=self.clip)  # fmt: skip
                 self._track(step, 0, [sd["loss_d"], sd["d_real"], sd["d_fake"]])
+                if "penalty" in sd:
+                    self.stats_sum[5] += sd["penalty"]
+                    self.n_pen += 1
                 self.n_d += 1
+                self.d_updates += 1
                 consumed += 1
         if fake is None:
-            fake = self.G(self.draw_z(step, 0))
-        sg = g_step(self.acc, self.D, self.opt_g, fake, self.loss)
+            z = self.draw_z(step, 0)
+            fake = self.G(z, self.last_c)
+            aug = self._draw_aug()
+        else:
+            self._seed(step, 0)
+            aug = self._draw_aug()
+        sg = g_step(self.acc, self.D, self.opt_g, fake, self.loss, c=self.last_c, aug=aug)
         self._track(step, 3, [sg["loss_g"], sg["d_fake_g"]])
         self.n_g += 1
         return consumed
@@ -135,9 +244,11 @@ class GANStep:
         world = self.acc.num_processes
         totals = reduce_sum(self.stats_sum).tolist()  # the one host sync per interval
         out: dict[str, float | None] = {}
-        for i, k in enumerate(STAT_KEYS):
-            n = self.n_d if i < 3 else self.n_g
-            out[k] = totals[i] / (n * world) if n else None
+        counts = (self.n_d,) * 3 + (self.n_g,) * 2 + (self.n_pen,)
+        for k, total, n in zip(STAT_KEYS, totals, counts, strict=True):
+            out[k] = total / (n * world) if n else None
+        if not self.n_pen:
+            out.pop("penalty")
         self.stats_sum.zero_()
-        self.n_d = self.n_g = 0
+        self.n_d = self.n_g = self.n_pen = 0
         return out

@@ -93,3 +93,17 @@ def test_two_process_matches_one_process_same_global_batch(tmp_path):
     diff = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))
     assert moved > 1e-3  # training did move G
     assert diff < 1e-2 * moved, (float(diff), float(moved))
+
+
+def test_two_process_wgan_gp_with_conditioning(tmp_path):
+    """The gradient penalty (double backward through DDP) and a conditional projection D."""
+    shards = write_tiny_shards(tmp_path / "shards", n=64, size=16)
+    out = tmp_path / "wgan"
+    launch(["--data", str(shards), "--out", str(out), "--max-steps", "4", *COMMON,
+            "--preset", "wgan-gp", "--condition", "attr_1,attr_2"])  # fmt: skip
+    state = json.loads((out / "checkpoints" / "step-000000004" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    assert state["rank_param_sha256"][0] == state["rank_param_sha256"][1]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["penalty"] >= 0 for r in rows)
+    assert state["images_seen"] == 4 * 5 * 16  # 5 critic steps per G step

@@ -22,7 +22,7 @@ def logits():
 
 
 def test_registry_keys_are_the_loss_flag_values():
-    assert set(LOSSES) == {"minimax", "ns"}
+    assert set(LOSSES) == {"minimax", "ns", "wgan", "wgan-gp", "hinge"}
     for kind in LOSSES:
         assert get_loss(kind) is LOSSES[kind]
 
@@ -127,7 +127,23 @@ def test_autocast_bf16(kind):
 
 def test_unknown_kind_names_the_flag(logits):
     real, fake = logits
-    with pytest.raises(ConfigError, match=r"^--loss 'wgan' must be one of minimax, ns$"):
-        d_loss("wgan", real, fake)
-    with pytest.raises(ConfigError, match=r"^--loss 'hinge'"):
-        g_loss("hinge", fake)
+    with pytest.raises(
+        ConfigError, match=r"^--loss 'lsgan' must be one of minimax, ns, wgan, wgan-gp, hinge$"
+    ):
+        d_loss("lsgan", real, fake)
+    with pytest.raises(ConfigError, match=r"^--loss 'l2'"):
+        g_loss("l2", fake)
+
+
+def test_wasserstein_and_hinge_equal_hand_computations(logits):
+    real, fake = logits
+    loss, stats = d_loss("wgan", real, fake)
+    assert torch.allclose(loss, fake.mean() - real.mean())
+    assert torch.allclose(stats["d_real"], real.mean())
+    loss, _ = d_loss("hinge", real, fake)
+    assert torch.allclose(
+        loss, torch.clamp(1 - real, min=0).mean() + torch.clamp(1 + fake, min=0).mean()
+    )
+    for kind in ("wgan", "wgan-gp", "hinge"):
+        loss, _ = g_loss(kind, fake)
+        assert torch.allclose(loss, -fake.mean())
