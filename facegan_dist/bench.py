@@ -150,8 +150,13 @@ def bench_train(
     epochs: int = PAPER_EPOCHS,
     dataset_images: int = CELEBA_IMAGES,
     overrides: dict[str, Any] | None = None,
+    data: Path | None = None,
 ) -> dict[str, Any]:
-    """Images/s of our step vs a plain eager loop, same models and synthetic uint8 batches."""
+    """Images/s of our step vs a plain eager loop, same models and synthetic uint8 batches.
+
+    `overrides` are TrainConfig fields (compile, channels_last, tf32, fused_adam, data_cache,
+    num_workers, widths...). With `data`, our step is also timed end to end on the real
+    pipeline (the shard stream, or the device cache with data_cache="device")."""
     from accelerate.utils import set_seed
 
     from facegan_dist import dist
@@ -162,10 +167,31 @@ def bench_train(
     from facegan_dist.train.steps import GANStep, to_model_input
 
     cfg = merge_train_config(
-        preset, None, {"data": Path("synthetic"), "batch": batch, **(overrides or {})}
+        preset, None, {"data": data or Path("synthetic"), "batch": batch, **(overrides or {})}
     ).validate()
     acc = dist.build_accelerator(precision)
     device = acc.device
+    fast = cfg.fast_settings(device.type)
+    torch.backends.cuda.matmul.allow_tf32 = fast["tf32"]
+    torch.backends.cudnn.allow_tf32 = fast["tf32"]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    real_iter = None
+    if data is not None:
+        from facegan_dist.data.stream import ShardStream, make_loader, read_manifest
+
+        resolution = int(read_manifest(data)["settings"]["size"])
+        if cfg.data_cache == "device":
+            from facegan_dist.data.cache import DeviceCache
+
+            real_iter = DeviceCache(data, split=cfg.split, batch_per_device=batch,
+                                    device=device).iterate()  # fmt: skip
+        else:
+            stream = ShardStream(
+                data, split=cfg.split, batch_per_device=batch, num_workers=cfg.num_workers,
+                shuffle_buffer=cfg.shuffle_buffer,
+            )  # fmt: skip
+            real_iter = iter(make_loader(stream, pin_memory=device.type == "cuda"))
     set_seed(cfg.seed)
     if cfg.condition:
         raise ConfigError("bench train does not support conditional presets (--condition)")
@@ -174,8 +200,11 @@ def bench_train(
                         upsample=cfg.upsample, d_norm=cfg.resolved_d_norm,
                         spectral_norm=cfg.spectral_norm)  # fmt: skip
     G_plain, D_plain = copy.deepcopy(G).to(device), copy.deepcopy(D).to(device)
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=cfg.betas_g)
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=cfg.betas_d)
+    if fast["channels_last"]:
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    adam = {"fused": True} if fast["fused_adam"] else {}
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=cfg.betas_g, **adam)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=cfg.betas_d, **adam)
     opt_gp = torch.optim.Adam(G_plain.parameters(), lr=cfg.lr_g, betas=cfg.betas_g)
     opt_dp = torch.optim.Adam(D_plain.parameters(), lr=cfg.lr_d, betas=cfg.betas_d)
     G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
@@ -184,23 +213,35 @@ def bench_train(
                            generator=gen) for _ in range(4)]  # fmt: skip
     if device.type == "cuda":
         reals = [r.pin_memory() for r in reals]
+    G_step, D_step = G, D
+    if fast["compile"]:
+        G_step = torch.compile(G)
+        if not (cfg.loss == "wgan-gp" or cfg.r1):
+            D_step = torch.compile(D)
     gan_step = GANStep(
-        acc, G, D, opt_g, opt_d, loss=cfg.loss, d_every=cfg.d_every, d_steps=cfg.d_steps,
+        acc, G_step, D_step, opt_g, opt_d, loss=cfg.loss, d_every=cfg.d_every, d_steps=cfg.d_steps,
         batch=batch, z_dim=cfg.z_dim, seed=cfg.seed, resolution=resolution,
         augment=parse_policy(cfg.augment), gp_lambda=cfg.gp_lambda, r1_gamma=cfg.r1,
         clip=cfg.clip,
     )  # fmt: skip
     counter = {"i": 0}
 
-    def next_real() -> tuple[torch.Tensor, None]:
-        counter["i"] += 1
-        return to_model_input(reals[counter["i"] % len(reals)], device), None
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        x = to_model_input(x, device)
+        return x.contiguous(memory_format=torch.channels_last) if fast["channels_last"] else x
 
-    def ours(n: int, start: int) -> float:
+    def next_synthetic() -> tuple[torch.Tensor, None]:
+        counter["i"] += 1
+        return prep(reals[counter["i"] % len(reals)]), None
+
+    def next_data() -> tuple[torch.Tensor, None]:
+        return prep(next(real_iter)[0]), None
+
+    def ours(n: int, start: int, source=next_synthetic) -> float:
         _sync(device)
         t0 = time.perf_counter()
         for s in range(start, start + n):
-            gan_step(s, next_real)
+            gan_step(s, source)
         _sync(device)
         return time.perf_counter() - t0
 
@@ -216,10 +257,14 @@ def bench_train(
 
     ours(warmup, 0)
     plain(warmup)
-    ours_s, plain_s = [], []
+    if real_iter is not None:
+        ours(warmup, 0, next_data)
+    ours_s, plain_s, e2e_s = [], [], []
     for r in range(rounds):
         ours_s.append(ours(steps, warmup + r * steps))
         plain_s.append(plain(steps))
+        if real_iter is not None:
+            e2e_s.append(ours(steps, warmup + r * steps, next_data))
     stats = gan_step.take_stats(lambda t: t)
     images = steps * batch * cfg.d_steps  # real images per round (d_every=1)
     ours_ips = images / statistics.median(ours_s)
@@ -239,7 +284,13 @@ def bench_train(
         "params_d": count_params(acc.unwrap_model(D)),
         "steps_per_round": steps,
         "rounds": rounds,
+        "fast": fast,
+        "data": str(data) if data else None,
+        "data_cache": cfg.data_cache if data else None,
         "ours_images_per_s": ours_ips,
+        "ours_end_to_end_images_per_s": (
+            steps * batch * cfg.d_steps / statistics.median(e2e_s) if e2e_s else None
+        ),
         "plain_images_per_s": plain_ips,
         "ratio_ours_over_plain": ours_ips / plain_ips,
         "ours_step_ms": 1000 * statistics.median(ours_s) / steps,
@@ -248,7 +299,10 @@ def bench_train(
         "final_loss_d": stats["loss_d"],
         "projected_epochs": epochs,
         "projected_dataset_images": dataset_images,
-        "projected_hours": epochs * dataset_images / ours_ips / 3600,
+        "projected_hours": epochs
+        * dataset_images
+        / (steps * batch * cfg.d_steps / statistics.median(e2e_s) if e2e_s else ours_ips)
+        / 3600,
     }
     acc.end_training()
     return result

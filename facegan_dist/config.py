@@ -162,6 +162,13 @@ class TrainConfig:
     seed: int = 0
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP (CUDA only)
     deterministic: bool = False  # torch deterministic algorithms (tests, exact resume on GPU)
+    data_cache: str = "none"  # none (stream shards) | device (decode once into device memory)
+    hflip: bool = False  # random horizontal flips of real images (on the device)
+    compile: bool = False  # torch.compile G and D (D only without gradient penalties)
+    channels_last: bool | None = None  # NHWC memory format; None = on for CUDA
+    tf32: bool | None = None  # TF32 matmuls/convolutions; None = on for CUDA (Ampere+)
+    fused_adam: bool | None = None  # the fused Adam kernel; None = on for CUDA
+    exact: bool = False  # bit-reproducible path: deterministic, fp32 math, no compile/fusion
     num_workers: int = 2  # loader worker processes per rank
     shuffle_buffer: int = 1000  # samples held by each loader worker's shuffle buffer
     # logging, samples, checkpoints
@@ -245,11 +252,31 @@ class TrainConfig:
             raise bad("--wandb-mode", f"{self.wandb_mode!r} must be online, offline or disabled")
         if self.split not in SPLITS:
             raise bad("--split", f"{self.split!r} must be one of {', '.join(SPLITS)}")
+        if self.data_cache not in ("none", "device"):
+            raise bad("--data-cache", f"{self.data_cache!r} must be none or device")
+        if self.exact and (self.compile or self.tf32 or self.precision != "no"):
+            raise bad("--exact", "excludes --compile, --tf32 and --precision bf16/fp16")
         if self.num_workers < 0:
             raise bad("--num-workers", f"{self.num_workers} must be >= 0")
         if self.shuffle_buffer < 1:
             raise bad("--shuffle-buffer", f"{self.shuffle_buffer} must be at least 1")
         return self
+
+    def fast_settings(self, device_type: str) -> dict[str, bool]:
+        """Speed settings with auto (None) resolved for the device: on for CUDA, where they
+        are standard practice; everything off under --exact."""
+        cuda = device_type == "cuda" and not self.exact
+
+        def pick(v: bool | None) -> bool:
+            return (cuda if v is None else v) and not self.exact
+
+        return {
+            "channels_last": pick(self.channels_last),
+            "tf32": pick(self.tf32),
+            "fused_adam": pick(self.fused_adam),
+            "compile": self.compile and not self.exact,
+            "deterministic": self.deterministic or self.exact,
+        }
 
     @property
     def resolved_d_norm(self) -> str:

@@ -58,6 +58,19 @@ def bench_train_cmd(
     dataset_images: Annotated[int, typer.Option(help="Projection: dataset size.")] = 202_599,
     g_width: Annotated[int | None, typer.Option(help="Override the preset's G width.")] = None,
     d_width: Annotated[int | None, typer.Option(help="Override the preset's D width.")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Shard folder: also time the real data pipeline.")
+    ] = None,
+    data_cache: Annotated[str, typer.Option(help="With --data: none (stream) | device.")] = "none",
+    num_workers: Annotated[int, typer.Option(help="With --data: loader workers.")] = 2,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile.")] = False,
+    channels_last: Annotated[
+        bool | None, typer.Option("--channels-last/--no-channels-last", help="[default: CUDA]")
+    ] = None,
+    tf32: Annotated[bool | None, typer.Option("--tf32/--no-tf32", help="[default: CUDA]")] = None,
+    fused_adam: Annotated[
+        bool | None, typer.Option("--fused-adam/--no-fused-adam", help="[default: CUDA]")
+    ] = None,
 ) -> None:
     """Our training step vs a plain eager PyTorch loop (same models), synthetic batches."""
     from facegan_dist.bench import bench_train, to_json_line
@@ -68,14 +81,23 @@ def bench_train_cmd(
             if v < 1:
                 raise ConfigError(f"{flag} {v} must be at least 1")
         overrides = {k: v for k, v in (("g_width", g_width), ("d_width", d_width)) if v}
+        overrides.update(
+            compile=compile, channels_last=channels_last, tf32=tf32, fused_adam=fused_adam,
+            data_cache=data_cache, num_workers=num_workers,
+        )  # fmt: skip
         r = bench_train(preset, batch, resolution, precision, steps, warmup, rounds, epochs,
-                        dataset_images, overrides)  # fmt: skip
+                        dataset_images, overrides, data)  # fmt: skip
     typer.echo(
         f"{r['arch']} {resolution}px batch {batch} {precision} on {r['device']} "
         f"({r['threads']} threads): ours {r['ours_images_per_s']:,.0f} images/s "
         f"({r['ours_step_ms']:.1f} ms/step), plain eager loop {r['plain_images_per_s']:,.0f} "
         f"images/s -> ratio {r['ratio_ours_over_plain']:.2f}"
     )
+    if r["ours_end_to_end_images_per_s"]:
+        typer.echo(
+            f"end to end with {r['data']} ({r['data_cache']}): "
+            f"{r['ours_end_to_end_images_per_s']:,.0f} images/s"
+        )
     typer.echo(
         f"projected: {epochs} epochs x {dataset_images:,} images = "
         f"{r['projected_hours']:.1f} h at this rate; peak memory {r['peak_memory_mb']:,.0f} MB"

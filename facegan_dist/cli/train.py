@@ -197,6 +197,55 @@ def train_cmd(
             rich_help_panel=RUN,
         ),
     ] = None,
+    data_cache: Annotated[
+        str | None,
+        typer.Option(
+            help="none (stream) | device (decode the split once into GPU memory).",
+            rich_help_panel=RUN,
+        ),
+    ] = None,
+    hflip: Annotated[
+        bool | None,
+        typer.Option(
+            "--hflip/--no-hflip",
+            help="Random horizontal flips of real images.",
+            rich_help_panel=RUN,
+        ),
+    ] = None,
+    compile: Annotated[
+        bool | None,
+        typer.Option("--compile/--no-compile", help="torch.compile G and D.", rich_help_panel=RUN),
+    ] = None,
+    channels_last: Annotated[
+        bool | None,
+        typer.Option(
+            "--channels-last/--no-channels-last",
+            help="NHWC. [default: on for CUDA]",
+            rich_help_panel=RUN,
+        ),
+    ] = None,
+    tf32: Annotated[
+        bool | None,
+        typer.Option(
+            "--tf32/--no-tf32", help="TF32 math. [default: on for CUDA]", rich_help_panel=RUN
+        ),
+    ] = None,
+    fused_adam: Annotated[
+        bool | None,
+        typer.Option(
+            "--fused-adam/--no-fused-adam",
+            help="Fused Adam. [default: on for CUDA]",
+            rich_help_panel=RUN,
+        ),
+    ] = None,
+    exact: Annotated[
+        bool | None,
+        typer.Option(
+            "--exact/--no-exact",
+            help="Bit-reproducible: deterministic, no fast paths.",
+            rich_help_panel=RUN,
+        ),
+    ] = None,
     num_workers: Annotated[
         int | None, typer.Option(help="Loader workers per process.", rich_help_panel=RUN)
     ] = None,
@@ -265,7 +314,9 @@ def train_cmd(
         lr_g=lr_g, lr_d=lr_d, betas_g=_betas(betas_g), betas_d=_betas(betas_d), batch=batch,
         epochs=epochs, max_steps=max_steps, ema_kimg=ema_kimg, ema_rampup=ema_rampup,
         precision=precision, seed=seed, sync_bn=sync_bn,
-        deterministic=deterministic, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+        deterministic=deterministic, data_cache=data_cache, hflip=hflip, compile=compile,
+        channels_last=channels_last, tf32=tf32, fused_adam=fused_adam, exact=exact,
+        num_workers=num_workers, shuffle_buffer=shuffle_buffer,
         log_every=log_every, sample_every=sample_every, n_samples=n_samples,
         ckpt_every=ckpt_every, keep=keep, resume=resume, wandb_mode=wandb_mode,
         wandb_project=wandb_project, run_name=run_name,

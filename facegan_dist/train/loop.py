@@ -151,24 +151,36 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
     bpd = dist.batch_per_device(cfg.batch, world)
     if cfg.sync_bn and acc.device.type != "cuda":
         raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm does not run on CPU/MPS)")
-    if cfg.deterministic:
+    fast = cfg.fast_settings(acc.device.type)
+    if fast["deterministic"]:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+    elif acc.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithms
+    torch.backends.cuda.matmul.allow_tf32 = fast["tf32"]
+    torch.backends.cudnn.allow_tf32 = fast["tf32"]
 
     # ---- data: each rank reads its own share; NOT passed through accelerator.prepare ----
     batches_seen = int(state.get("batches_seen", 0))  # per rank, identical on every rank
-    stream = ShardStream(
-        cfg.data,
-        split=cfg.split,
-        batch_per_device=bpd,
-        rank=acc.process_index,
-        world_size=world,
-        num_workers=cfg.num_workers,
-        seed=cfg.seed,
-        shuffle_buffer=cfg.shuffle_buffer,
-        start_batch=batches_seen,
-    )
-    bpe = stream.batches_per_epoch
+    if cfg.data_cache == "device":  # decoded once into device memory (each rank its share)
+        from facegan_dist.data.cache import DeviceCache
+
+        data = DeviceCache(cfg.data, split=cfg.split, batch_per_device=bpd,
+                           rank=acc.process_index, world_size=world, device=acc.device,
+                           seed=cfg.seed)  # fmt: skip
+    else:
+        data = ShardStream(
+            cfg.data,
+            split=cfg.split,
+            batch_per_device=bpd,
+            rank=acc.process_index,
+            world_size=world,
+            num_workers=cfg.num_workers,
+            seed=cfg.seed,
+            shuffle_buffer=cfg.shuffle_buffer,
+            start_batch=batches_seen,
+        )
+    bpe = data.batches_per_epoch
     if cfg.max_steps is not None:
         total_steps = cfg.max_steps
     else:
@@ -194,8 +206,11 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
     if cfg.sync_bn and world > 1:
         G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(G)
         D = torch.nn.SyncBatchNorm.convert_sync_batchnorm(D)
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=cfg.betas_g)
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=cfg.betas_d)
+    if fast["channels_last"]:
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    adam = {"fused": True} if fast["fused_adam"] else {}
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=cfg.betas_g, **adam)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=cfg.betas_d, **adam)
     # This order is the checkpoint file order (model.safetensors = G, model_1 = D, ...).
     G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
     dist.seed_rank(acc, cfg.seed)
@@ -209,13 +224,14 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
     )
     runtime = {
         **dist.runtime_info(acc, cfg.batch),
-        "dataset": {"path": str(cfg.data), "split": cfg.split, "num_samples": stream.num_samples},
+        "dataset": {"path": str(cfg.data), "split": cfg.split, "num_samples": data.num_samples},
         "resolution": resolution,
         "batches_per_epoch": bpe,
         "total_steps": total_steps,
         "params_g": count_params(acc.unwrap_model(G)),
         "params_d": count_params(acc.unwrap_model(D)),
-        "data_layout": stream.layout(),
+        "data_layout": data.layout(),
+        "fast": fast,
     }
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -226,14 +242,16 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
 
     # The loader's iterator draws its worker base seed from the torch RNG: create it BEFORE the
     # checkpoint restores the RNG, so a resumed run draws the same noise as an uninterrupted one.
-    loader = make_loader(stream, pin_memory=acc.device.type == "cuda")
-    data_iter = iter(loader)
+    if cfg.data_cache == "device":
+        data_iter = data.iterate(batches_seen)
+    else:
+        data_iter = iter(make_loader(data, pin_memory=acc.device.type == "cuda"))
 
     step, images_seen = 0, 0
     run_id = state.get("wandb_run_id") or new_run_id()
     if resume_from is not None:
         saved_layout = state.get("data_layout")
-        if saved_layout and saved_layout != stream.layout():
+        if saved_layout and saved_layout != data.layout():
             dist.print0(
                 acc,
                 "warning: the data layout changed since the checkpoint (world size, workers, "
@@ -267,7 +285,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         acc,
         f"facegan train: {cfg.arch} {resolution}px loss={cfg.loss} on {world} x "
         f"{runtime['device']} ({acc.distributed_type}), precision={acc.mixed_precision}, "
-        f"batch {cfg.batch} = {world} x {bpd} per device; {stream.num_samples:,} images, "
+        f"batch {cfg.batch} = {world} x {bpd} per device; {data.num_samples:,} images, "
         f"{bpe} batches/epoch/rank; steps {step} -> {total_steps}"
         + (f" (resumed from {resume_from})" if resume_from else ""),
     )
@@ -281,7 +299,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
             "epoch": batches_seen / bpe,
             "wandb_run_id": run_id,
             "world_size": world,
-            "data_layout": stream.layout(),
+            "data_layout": data.layout(),
             "rank_param_sha256": dist.param_digests(acc, G, D),  # equal on every rank
             # enough to rebuild G from this checkpoint alone (`facegan sample CKPT`)
             "generator": gen_meta,
@@ -289,8 +307,17 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         }
 
     device = acc.device
+    flip_gen = torch.Generator(device=device)
+    # torch.compile wraps the prepared modules for the step only: checkpoints, the EMA and
+    # exports keep using the plain modules (no `_orig_mod.` keys). A penalty needs a double
+    # backward through D, which compiled autograd does not support (pytorch#91469): G only.
+    G_step, D_step = G, D
+    if fast["compile"]:
+        G_step = torch.compile(G)
+        if not (cfg.loss == "wgan-gp" or cfg.r1):
+            D_step = torch.compile(D)
     gan_step = GANStep(
-        acc, G, D, opt_g, opt_d, loss=cfg.loss, d_every=cfg.d_every, d_steps=cfg.d_steps,
+        acc, G_step, D_step, opt_g, opt_d, loss=cfg.loss, d_every=cfg.d_every, d_steps=cfg.d_steps,
         batch=cfg.batch, z_dim=cfg.z_dim, seed=cfg.seed, resolution=resolution,
         augment=parse_policy(cfg.augment), gp_lambda=cfg.gp_lambda, r1_gamma=cfg.r1,
         clip=cfg.clip,
@@ -362,7 +389,14 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
                 grid = grid_uint8(images_u8[: cfg.n_samples])
                 logger.image("samples/real", grid, step, run_dir / "samples" / "real.png")
             real_logged = True
-        return to_model_input(images_u8, device), c
+        x = to_model_input(images_u8, device)
+        if cfg.hflip:  # a flip per image, seeded by (seed, batch drawn, rank): replayable
+            flip_gen.manual_seed((cfg.seed * 1_000_003 + batches_seen) * 4096 + acc.process_index)
+            mask = torch.rand(len(x), 1, 1, 1, generator=flip_gen, device=device) < 0.5
+            x = torch.where(mask, x.flip(3), x)
+        if fast["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, c
 
     stop = _StopFlag()
     progress = make_progress(enabled=acc.is_main_process)
