@@ -101,8 +101,9 @@ def test_run_folder_artifacts(shards16, tmp_path):
     assert any(not torch.equal(G_ema.state_dict()[k], g_ckpt[k]) for k in g_ckpt)
 
 
-def test_exact_resume_matches_straight_run(shards16, tmp_path):
-    kw = dict(max_steps=20, deterministic=True)
+@pytest.mark.parametrize("data_cache", ["none", "device"])
+def test_exact_resume_matches_straight_run(shards16, tmp_path, data_cache):
+    kw = dict(max_steps=20, exact=True, data_cache=data_cache, hflip=True)
     run(shards16, tmp_path / "straight", **kw)
     run(shards16, tmp_path / "split", **{**kw, "max_steps": 10})
     reset_accelerate()
