@@ -171,6 +171,11 @@ class TrainConfig:
     exact: bool = False  # bit-reproducible path: deterministic, fp32 math, no compile/fusion
     num_workers: int = 2  # loader worker processes per rank
     shuffle_buffer: int = 1000  # samples held by each loader worker's shuffle buffer
+    # faults
+    on_nonfinite: str = "stop"  # stop | rollback (to the last checkpoint, lower the lrs)
+    max_rollbacks: int = 3  # give up after this many rollbacks
+    rollback_lr_factor: float = 0.5  # learning rates are multiplied by this at each rollback
+    skip_bad_samples: bool = False  # an undecodable image is replaced and counted, not fatal
     # logging, samples, checkpoints
     log_every: int = 50  # steps between metrics.jsonl / W&B scalar rows
     sample_every: int = 500  # steps between fixed-noise grids
@@ -252,6 +257,12 @@ class TrainConfig:
             raise bad("--wandb-mode", f"{self.wandb_mode!r} must be online, offline or disabled")
         if self.split not in SPLITS:
             raise bad("--split", f"{self.split!r} must be one of {', '.join(SPLITS)}")
+        if self.on_nonfinite not in ("stop", "rollback"):
+            raise bad("--on-nonfinite", f"{self.on_nonfinite!r} must be stop or rollback")
+        if self.max_rollbacks < 0:
+            raise bad("--max-rollbacks", f"{self.max_rollbacks} must be >= 0")
+        if not 0 < self.rollback_lr_factor <= 1:
+            raise bad("--rollback-lr-factor", f"{self.rollback_lr_factor} must be in (0, 1]")
         if self.data_cache not in ("none", "device"):
             raise bad("--data-cache", f"{self.data_cache!r} must be none or device")
         if self.exact and (self.compile or self.tf32 or self.precision != "no"):

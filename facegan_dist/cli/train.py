@@ -252,6 +252,30 @@ def train_cmd(
     shuffle_buffer: Annotated[
         int | None, typer.Option(help="Shuffle buffer per loader worker.", rich_help_panel=RUN)
     ] = None,
+    on_nonfinite: Annotated[
+        str | None,
+        typer.Option(
+            help="On a NaN/inf loss: stop | rollback (to the last checkpoint, lrs "
+            "lowered). [default: stop]",
+            rich_help_panel=LOG,
+        ),
+    ] = None,
+    max_rollbacks: Annotated[
+        int | None,
+        typer.Option(help="Rollbacks before giving up. [default: 3]", rich_help_panel=LOG),
+    ] = None,
+    rollback_lr_factor: Annotated[
+        float | None,
+        typer.Option(help="lr multiplier per rollback. [default: 0.5]", rich_help_panel=LOG),
+    ] = None,
+    skip_bad_samples: Annotated[
+        bool | None,
+        typer.Option(
+            "--skip-bad-samples/--no-skip-bad-samples",
+            help="Replace undecodable images (counted, logged) instead of stopping.",
+            rich_help_panel=LOG,
+        ),
+    ] = None,
     log_every: Annotated[
         int | None, typer.Option(help="Steps between metric rows.", rich_help_panel=LOG)
     ] = None,
@@ -317,6 +341,8 @@ def train_cmd(
         deterministic=deterministic, data_cache=data_cache, hflip=hflip, compile=compile,
         channels_last=channels_last, tf32=tf32, fused_adam=fused_adam, exact=exact,
         num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+        on_nonfinite=on_nonfinite, max_rollbacks=max_rollbacks,
+        rollback_lr_factor=rollback_lr_factor, skip_bad_samples=skip_bad_samples,
         log_every=log_every, sample_every=sample_every, n_samples=n_samples,
         ckpt_every=ckpt_every, keep=keep, resume=resume, wandb_mode=wandb_mode,
         wandb_project=wandb_project, run_name=run_name,

@@ -179,6 +179,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
             seed=cfg.seed,
             shuffle_buffer=cfg.shuffle_buffer,
             start_batch=batches_seen,
+            skip_bad_samples=cfg.skip_bad_samples,
         )
     bpe = data.batches_per_epoch
     if cfg.max_steps is not None:
@@ -242,13 +243,26 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
 
     # The loader's iterator draws its worker base seed from the torch RNG: create it BEFORE the
     # checkpoint restores the RNG, so a resumed run draws the same noise as an uninterrupted one.
-    if cfg.data_cache == "device":
-        data_iter = data.iterate(batches_seen)
-    else:
-        data_iter = iter(make_loader(data, pin_memory=acc.device.type == "cuda"))
+    def new_data_iter(start_batch: int):
+        if cfg.data_cache == "device":
+            return data.iterate(start_batch)
+        data.start_epoch, data.start_batch = 0, start_batch
+        return iter(make_loader(data, pin_memory=acc.device.type == "cuda"))
+
+    data_iter = new_data_iter(batches_seen)
 
     step, images_seen = 0, 0
     run_id = state.get("wandb_run_id") or new_run_id()
+    rollbacks = int(state.get("rollbacks", 0))
+    lr_scale = float(state.get("lr_scale", 1.0))  # < 1 after rollbacks
+
+    def set_learning_rates() -> None:
+        """The configured rates times lr_scale: a resumed run's --lr-g/--lr-d win over the
+        rates stored in the optimizer state."""
+        for opt, lr in ((opt_g, cfg.lr_g), (opt_d, cfg.lr_d)):
+            for group in opt.param_groups:
+                group["lr"] = lr * lr_scale
+
     if resume_from is not None:
         saved_layout = state.get("data_layout")
         if saved_layout and saved_layout != data.layout():
@@ -267,6 +281,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
                 raise CheckpointError(f"{resume_from}: has no EMA of G; resume with --ema-kimg 0")
             ema.load_state_dict(tensors["ema"])
         step, images_seen = int(state["step"]), int(state["images_seen"])
+        set_learning_rates()
         if acc.is_main_process:
             truncate_metrics(run_dir / "metrics.jsonl", step)
     acc.wait_for_everyone()
@@ -298,6 +313,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
             "batches_seen": batches_seen,
             "epoch": batches_seen / bpe,
             "wandb_run_id": run_id,
+            "rollbacks": rollbacks,
+            "lr_scale": lr_scale,
             "world_size": world,
             "data_layout": data.layout(),
             "rank_param_sha256": dist.param_digests(acc, G, D),  # equal on every rank
@@ -330,13 +347,57 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
     real_logged = (run_dir / "samples" / "real.png").exists()
     signal_check_every = 1 if world == 1 else max(1, min(cfg.log_every, 10))
 
-    def check_finite() -> None:
-        bad = dist.reduce_min(acc, gan_step.first_bad)
-        if torch.isfinite(bad):
+    def healthy() -> bool:
+        """False after a rollback (the caller restarts the step loop); raises on --on-nonfinite
+        stop, without a checkpoint to return to, or after --max-rollbacks rollbacks."""
+        bad = dist.reduce_min(acc, gan_step.first_bad)  # the same value on every rank
+        if not torch.isfinite(bad):
+            return True
+        bad_step = int(bad.item())
+        lr_now = f"lr_g={opt_g.param_groups[0]['lr']:.3g}, lr_d={opt_d.param_groups[0]['lr']:.3g}"
+        if cfg.on_nonfinite == "stop" or ckpt_path is None:
             raise TrainingError(
-                f"a loss became non-finite at step {int(bad.item())} (lr_g={cfg.lr_g}, "
-                f"lr_d={cfg.lr_d}); last good checkpoint: {ckpt_path or 'none'}"
+                f"a loss became non-finite at step {bad_step} ({lr_now}); last good checkpoint: "
+                f"{ckpt_path or 'none'}"
             )
+        if rollbacks >= cfg.max_rollbacks:
+            raise TrainingError(
+                f"a loss became non-finite at step {bad_step} again after {rollbacks} rollbacks "
+                f"({lr_now}); giving up (--max-rollbacks {cfg.max_rollbacks})"
+            )
+        rollback(bad_step)
+        return False
+
+    def rollback(bad_step: int) -> None:
+        """Back to the last good checkpoint with the learning rates lowered by a factor."""
+        nonlocal step, images_seen, batches_seen, data_iter, noise, fixed_c, rollbacks, lr_scale
+        nonlocal last_log_images
+        saved, tensors = checkpoint.load(acc, ckpt_path)
+        step, images_seen = int(saved["step"]), int(saved["images_seen"])
+        batches_seen = int(saved["batches_seen"])
+        noise = tensors["fixed_noise"]["z"]
+        fixed_c = tensors["fixed_noise"].get("c")
+        if fixed_c is not None:
+            fixed_c = fixed_c.to(device)
+        if ema is not None:
+            ema.load_state_dict(tensors["ema"])
+        rollbacks += 1
+        lr_scale *= cfg.rollback_lr_factor
+        set_learning_rates()
+        gan_step.reset()
+        data_iter = new_data_iter(batches_seen)
+        last_log_images = images_seen
+        if acc.is_main_process:
+            truncate_metrics(run_dir / "metrics.jsonl", step)
+        event = {"step": step, "event": "rollback", "nonfinite_step": bad_step,
+                 "rollbacks": rollbacks, "lr_g": opt_g.param_groups[0]["lr"],
+                 "lr_d": opt_d.param_groups[0]["lr"], "checkpoint": str(ckpt_path)}  # fmt: skip
+        logger.log(event, step)
+        dist.print0(
+            acc,
+            f"warning: non-finite loss at step {bad_step}: rolled back to {ckpt_path.name}, "
+            f"lr x{cfg.rollback_lr_factor} (rollback {rollbacks}/{cfg.max_rollbacks})",
+        )
 
     def log_row() -> dict[str, Any]:
         nonlocal last_log_t, last_log_images
@@ -418,7 +479,9 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
             else:
                 preempt = False
             if step % cfg.log_every == 0 or last or preempt:
-                check_finite()
+                if not healthy():
+                    progress.update(task, completed=step)
+                    continue
                 last_row = log_row()
                 logger.log(last_row, step)
                 loss_d = last_row["loss_d"] if last_row["loss_d"] is not None else float("nan")
@@ -431,7 +494,9 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
                 if acc.is_main_process:
                     last_grid = sample_grid()
             if step % cfg.ckpt_every == 0 or last or preempt:
-                check_finite()
+                if not healthy():
+                    progress.update(task, completed=step)
+                    continue
                 ckpt_path = checkpoint.save(
                     acc,
                     run_dir / "checkpoints",

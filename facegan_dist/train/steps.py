@@ -239,6 +239,12 @@ class GANStep:
         self.n_g += 1
         return consumed
 
+    def reset(self) -> None:
+        """Forget the interval's stats and the non-finite marker (after a rollback)."""
+        self.stats_sum.zero_()
+        self.first_bad.fill_(float("inf"))
+        self.n_d = self.n_g = self.n_pen = 0
+
     def take_stats(self, reduce_sum: Callable[[Tensor], Tensor]) -> dict[str, float | None]:
         """Means over the interval and over ranks (a collective via `reduce_sum`); resets."""
         world = self.acc.num_processes

@@ -205,3 +205,47 @@ def test_config_merge_order(tmp_path):
     assert cfg.preset == "paper-dcgan" and cfg.loss == "minimax"  # from the preset in the file
     assert cfg.lr_g == 0.001 and cfg.lr_d == 1e-4  # file over preset
     assert cfg.batch == 8  # flag over file
+
+
+def poison_g_loss(monkeypatch, bad_calls):
+    """Make the G loss NaN on the given (1-based) calls of g_loss."""
+    import facegan_dist.train.steps as steps
+
+    real_g_loss, calls = steps.g_loss, {"n": 0}
+
+    def poisoned(kind, logits):
+        calls["n"] += 1
+        loss, stats = real_g_loss(kind, logits)
+        if bad_calls(calls["n"]):
+            loss = loss * float("nan")
+            stats = {**stats, "loss_g": loss.detach()}
+        return loss, stats
+
+    monkeypatch.setattr(steps, "g_loss", poisoned)
+
+
+def test_rollback_restores_last_checkpoint_and_lowers_lrs(shards16, tmp_path, monkeypatch):
+    poison_g_loss(monkeypatch, lambda n: n == 6)  # step 5, once
+    res = run(shards16, tmp_path / "rb", max_steps=12, log_every=2, ckpt_every=4,
+              on_nonfinite="rollback", rollback_lr_factor=0.5)  # fmt: skip
+    assert res.step == 12
+    metrics = rows(tmp_path / "rb")
+    events = [r for r in metrics if r.get("event") == "rollback"]
+    assert len(events) == 1 and events[0]["step"] == 4 and events[0]["nonfinite_step"] == 5
+    scalar_steps = [r["step"] for r in metrics if "event" not in r]
+    assert scalar_steps == [2, 4, 6, 8, 10, 12]  # the diverged rows were dropped, then redone
+    after = [r for r in metrics if "event" not in r and r["step"] > 4]
+    assert all(r["lr_g"] == pytest.approx(1e-4) for r in after)  # 2e-4 x 0.5
+    state = json.loads((tmp_path / "rb" / "checkpoints" / "step-000000012" /
+                        "trainer_state.json").read_text())  # fmt: skip
+    assert state["rollbacks"] == 1 and state["lr_scale"] == 0.5
+    assert all(math.isfinite(r["loss_g"]) for r in metrics if "event" not in r)
+
+
+def test_rollback_gives_up_after_max_rollbacks(shards16, tmp_path, monkeypatch):
+    poison_g_loss(monkeypatch, lambda n: n > 5)  # always diverges after step 4
+    with pytest.raises(TrainingError, match="again after 2 rollbacks"):
+        run(shards16, tmp_path / "rb", max_steps=12, log_every=2, ckpt_every=4,
+            on_nonfinite="rollback", max_rollbacks=2)  # fmt: skip
+    ckpts = sorted(p.name for p in (tmp_path / "rb" / "checkpoints").iterdir())
+    assert ckpts == ["step-000000004"]  # only the good checkpoint exists
