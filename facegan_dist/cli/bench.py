@@ -93,6 +93,12 @@ def bench_train_cmd(
         f"({r['ours_step_ms']:.1f} ms/step), plain eager loop {r['plain_images_per_s']:,.0f} "
         f"images/s -> ratio {r['ratio_ours_over_plain']:.2f}"
     )
+    if r["device"].startswith("cpu"):
+        typer.echo(
+            f"CPU time per step: ours {r['ours_cpu_ms_per_step']:.0f} ms, plain "
+            f"{r['plain_cpu_ms_per_step']:.0f} ms -> ratio "
+            f"{r['ratio_cpu_time_plain_over_ours']:.2f} (less sensitive to other load)"
+        )
     if r["ours_end_to_end_images_per_s"]:
         typer.echo(
             f"end to end with {r['data']} ({r['data_cache']}): "
