@@ -52,7 +52,8 @@ def build_accelerator(precision: str, log_with: str | None = None, project_dir: 
         log_with=log_with,
         project_dir=project_dir,
         kwargs_handlers=[
-            DistributedDataParallelKwargs(broadcast_buffers=False),
+            # gradient_as_bucket_view: grads live in the all-reduce buckets (one copy fewer).
+            DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True),
             InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT),
         ],
     )
@@ -172,3 +173,100 @@ def param_digests(acc, *models: torch.nn.Module) -> list[str]:
     if acc.num_processes == 1:
         return [digest]
     return list(gather_object([digest]))
+
+
+# ---- work splitting for sampling and evaluation (no DDP: G only runs forward, locally) ----
+# `state` below is an Accelerator, a PartialState, or None (one process, no collectives). The
+# split is accelerate's `split_between_processes` (contiguous chunks, the first `n % world` ranks
+# get one more); `chunk_sizes` reproduces it so gathered rows come back in the original order.
+
+
+def process_state():
+    """The PartialState for commands that only split work (`sample`, `directions`,
+    `evaluate`): the same CPU/torchrun rules as `build_accelerator`, without DDP or trackers."""
+    from accelerate import PartialState
+
+    cpu = (not torch.cuda.is_available() and _torchrun_world_size() > 1) or os.environ.get(
+        "ACCELERATE_USE_CPU"
+    ) in ("1", "true", "True")
+    state = PartialState(cpu=cpu)
+    if _torchrun_world_size() != state.num_processes:
+        raise ConfigError(
+            f"launched {_torchrun_world_size()} processes but Accelerate sees "
+            f"{state.num_processes}; on CPU use launch/cpu-2proc.yaml, "
+            "not `accelerate launch --cpu`"
+        )
+    return state
+
+
+def world(state) -> tuple[int, int]:
+    """(rank, world_size) of `state` (None = one process)."""
+    if state is None:
+        return 0, 1
+    return state.process_index, state.num_processes
+
+
+def is_main(state) -> bool:
+    return state is None or state.is_main_process
+
+
+def barrier(state) -> None:
+    if state is not None and state.num_processes > 1:
+        state.wait_for_everyone()
+
+
+def chunk_sizes(n: int, world_size: int) -> list[int]:
+    """How many of n items each rank gets from `split_between_processes`."""
+    per, extra = divmod(n, world_size)
+    return [per + (1 if r < extra else 0) for r in range(world_size)]
+
+
+def split_items(state, items: list) -> list:
+    """This rank's contiguous share of `items` (all of them on one process)."""
+    items = list(items)
+    if state is None or state.num_processes == 1:
+        return items
+    with state.split_between_processes(items) as mine:
+        mine = list(mine)
+    assert len(mine) == chunk_sizes(len(items), state.num_processes)[state.process_index]
+    return mine
+
+
+def gather_rows(state, rows: torch.Tensor, n_total: int) -> torch.Tensor:
+    """Concatenate every rank's `rows` ([n_rank, ...], the rows of `split_items` of n_total
+    items) in rank order -> [n_total, ...] on the CPU, on every rank (a collective)."""
+    if state is None or state.num_processes == 1:
+        return rows.cpu()
+    import torch.distributed as tdist
+
+    sizes = chunk_sizes(n_total, state.num_processes)
+    if rows.shape[0] != sizes[state.process_index]:
+        raise ValueError(f"rank {state.process_index}: {rows.shape[0]} rows, expected its share")
+    padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    padded = padded.to(state.device).contiguous()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    tdist.all_gather(parts, padded)
+    return torch.cat([p[:k].cpu() for p, k in zip(parts, sizes, strict=True)])
+
+
+def all_sum(state, t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over ranks, returned on the CPU on every rank (float64 stays float64)."""
+    if state is None or state.num_processes == 1:
+        return t.cpu()
+    import torch.distributed as tdist
+
+    t = t.to(state.device).clone()
+    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t.cpu()
+
+
+def broadcast_object(state, obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a collective)."""
+    if state is None or state.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    box = [obj]
+    broadcast_object_list(box, from_process=0)
+    return box[0]

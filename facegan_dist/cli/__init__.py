@@ -6,7 +6,7 @@ import sys
 from typer import Abort
 
 # Importing the command modules registers them on `app` (side effect, hence noqa).
-from facegan_dist.cli import bench, preview, shard, synth, train  # noqa: F401
+from facegan_dist.cli import bench, directions, evaluate, preview, sample, shard, synth, train  # noqa: F401
 from facegan_dist.cli.app import app
 
 try:  # typer >= 0.26 vendors Click
