@@ -204,6 +204,11 @@ def compute_directions(cfg: DirectionsConfig, state=None, log=print) -> dict:
     cfg.validate()
     device = state.device if state is not None else "cpu"
     G, meta, info = load_any_generator(cfg.source, device, ema=cfg.ema)
+    if meta.get("condition"):
+        raise ConfigError(
+            f"{cfg.source}: a conditional generator; this command supports unconditional "
+            "models only (use `facegan sample --attrs` to draw from it)"
+        )
     manifest = read_manifest(cfg.data)
     if manifest["settings"]["size"] != meta["resolution"]:
         raise ConfigError(

@@ -473,6 +473,11 @@ def evaluate(cfg: EvaluateConfig, state=None, log=None) -> dict:
         inception_weights_path(cfg.inception_weights)  # fail before loading anything else
     device = state.device if state is not None else "cpu"
     G, meta, info = load_any_generator(cfg.source, device, ema=cfg.ema)
+    if meta.get("condition"):
+        raise ConfigError(
+            f"{cfg.source}: a conditional generator; this command supports unconditional "
+            "models only (use `facegan sample --attrs` to draw from it)"
+        )
     from facegan_dist.data.stream import read_manifest
 
     size = read_manifest(cfg.data)["settings"]["size"]

@@ -139,7 +139,7 @@ def _load_checkpoint_generator(ckpt: Path, device, ema: bool):
     from safetensors.torch import load_file
 
     from facegan_dist.errors import CheckpointError
-    from facegan_dist.models import build_models
+    from facegan_dist.export import build_from_meta
 
     try:
         state = json.loads((ckpt / CKPT_STATE_NAME).read_text())
@@ -156,15 +156,7 @@ def _load_checkpoint_generator(ckpt: Path, device, ema: bool):
     if not weights.is_file():
         raise CheckpointError(f"{ckpt}: no {CKPT_G_NAME} (incomplete checkpoint)")
     try:
-        G, _ = build_models(
-            meta["arch"],
-            resolution=meta["resolution"],
-            z_dim=meta["z_dim"],
-            g_width=meta["g_width"],
-            d_width=meta["d_width"],
-            act=meta["act"],
-            dropout=meta["dropout"],
-        )
+        G, _ = build_from_meta(meta)
         sd = load_file(str(weights), device="cpu")
         for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers, if any
             sd = {k.removeprefix(prefix): v for k, v in sd.items()}
@@ -190,6 +182,50 @@ def load_any_generator(path: Path, device="cpu", ema: bool = True):
     else:
         G, meta = _load_checkpoint_generator(folder, device, ema)
     return G, meta, {"kind": kind, "path": folder, "run_dir": run_dir}
+
+
+class ConditionedG(torch.nn.Module):
+    """A conditional G with its condition fixed: G'(z) = G(z, c) for every z (so seeds, grids,
+    interpolation and arithmetic work unchanged on conditional models)."""
+
+    def __init__(self, G: torch.nn.Module, c: Tensor) -> None:
+        super().__init__()
+        self.G = G
+        self.register_buffer("c", c.reshape(1, -1).float())
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.G(z, self.c.expand(z.shape[0], -1))
+
+
+def parse_attrs(text: str | None, condition: list[str], flag: str = "--attrs") -> Tensor:
+    """ "Smiling=1,Eyeglasses=0" -> a {0,1} vector over the model's condition attributes; the
+    attributes not named are 0 (absent)."""
+    from facegan_dist.errors import ConfigError
+
+    c = torch.zeros(len(condition))
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in condition:
+            raise ConfigError(f"{flag}: {name!r} is not an attribute the model is conditioned on")
+        if value.strip() not in ("0", "1"):
+            raise ConfigError(f"{flag}: {part.strip()!r} must be ATTR=0 or ATTR=1")
+        c[condition.index(name)] = float(value.strip())
+    return c
+
+
+def condition_generator(G: torch.nn.Module, meta: dict, attrs: str | None):
+    """G itself for an unconditional model; a ConditionedG for a conditional one."""
+    from facegan_dist.errors import ConfigError
+
+    condition = list(meta.get("condition") or [])
+    if not condition:
+        if attrs:
+            raise ConfigError("--attrs needs a conditional model (trained with --condition)")
+        return G
+    return ConditionedG(G, parse_attrs(attrs, condition)).to(next(G.parameters()).device).eval()
 
 
 # ---- seed-addressed images ----
@@ -253,6 +289,7 @@ class SampleConfig:
     arith: tuple[str, ...] = ()
     edit: tuple[str, ...] = ()  # "ATTR=AMOUNT" / "A=1,B=-2" per entry: one "after" each
     directions: Path | None = None  # default: <run dir>/directions.safetensors
+    attrs: str | None = None  # conditional models: "Smiling=1,Eyeglasses=0" (others 0)
 
     def plan(self) -> dict:
         """Validate and resolve the seeds/pairs/expressions (no file is read)."""
@@ -338,6 +375,7 @@ def sample(cfg: SampleConfig, state=None) -> dict:
     rank, world = dist.world(state)
     device = state.device if state is not None else "cpu"
     G, meta, info = load_any_generator(cfg.source, device, ema=cfg.ema)
+    G = condition_generator(G, meta, cfg.attrs)
     z_dim, psi, mode, bs = meta["z_dim"], cfg.truncation, cfg.truncation_mode, cfg.batch
     edits: list[dict[str, float]] = []
     if plan["edit_seeds"] is not None:

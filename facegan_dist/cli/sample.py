@@ -121,6 +121,14 @@ def sample_cmd(
             rich_help_panel=LATENT,
         ),
     ] = None,
+    attrs: Annotated[
+        str | None,
+        typer.Option(
+            help="Conditional models: the attributes to draw, e.g. 'Smiling=1,Eyeglasses=0' "
+            "(attributes not named are 0).",
+            rich_help_panel=LATENT,
+        ),
+    ] = None,
     directions: Annotated[
         Path | None,
         typer.Option(
@@ -155,6 +163,7 @@ def sample_cmd(
             arith=tuple(arith or ()),
             edit=tuple(edit or ()),
             directions=directions,
+            attrs=attrs,
         )
         cfg.plan()  # bad flags fail before any process group starts
         state = dist.process_state()

@@ -55,6 +55,7 @@ import io
 import itertools
 import json
 import math
+import os
 import random
 import tarfile
 import time
@@ -541,6 +542,22 @@ class _OneLineErrors:
             raise
 
 
+def _leave_process_group(worker_id: int) -> None:
+    """worker_init_fn: a stop signal sent to the trainer's process group is not for its workers.
+
+    torchrun's agent forwards SIGTERM with `os.killpg` to each trainer's process group, and a
+    terminal sends Ctrl-C's SIGINT to the foreground group. A loader worker killed by it makes
+    torch raise "DataLoader worker (pid N) is killed by signal" in the trainer (from its SIGCHLD
+    handler, at any point), so the trainer could not finish its step and checkpoint
+    (docs/RELIABILITY.md). In a group of its own the worker only gets signals sent to its pid:
+    torch's own shutdown still works (a stop message, then terminate()), and a worker whose
+    trainer died exits on its own (torch's watchdog). Ignoring SIGTERM in the worker instead
+    would hang an interpreter that exits with live workers (multiprocessing terminates daemonic
+    children, then joins them).
+    """
+    os.setpgid(0, 0)
+
+
 def make_loader(
     stream: ShardStream, *, pin_memory: bool = False, prefetch_factor: int = 4
 ) -> DataLoader:
@@ -553,6 +570,7 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=prefetch_factor if workers > 0 else None,
+        worker_init_fn=_leave_process_group if workers > 0 else None,
     )
 
 

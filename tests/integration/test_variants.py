@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file
 
@@ -83,3 +84,28 @@ def test_condition_names_are_checked(shards, tmp_path):
                                            "condition": "Smiling", **TINY})  # fmt: skip
     with pytest.raises(ConfigError, match="--condition: 'Smiling' is not an attribute"):
         train(cfg)
+
+
+def test_sample_conditional_model_with_attrs(shards, tmp_path):
+    from typer.testing import CliRunner
+
+    from facegan_dist.cli import app
+
+    out = tmp_path / "run"
+    cfg, _ = resolve_config("cgan", None, {"data": shards, "out": out, **TINY,
+                                           "condition": "attr_0,attr_1"})  # fmt: skip
+    train(cfg)
+    runner = CliRunner()
+    on = runner.invoke(app, ["sample", str(out), "--out", str(tmp_path / "on"), "--seeds", "0-3",
+                             "--attrs", "attr_0=1,attr_1=1"])  # fmt: skip
+    off = runner.invoke(app, ["sample", str(out), "--out", str(tmp_path / "off"), "--seeds",
+                              "0-3", "--attrs", "attr_0=0"])  # fmt: skip
+    assert on.exit_code == 0 and off.exit_code == 0, on.output + off.output
+    from PIL import Image
+
+    a = np.asarray(Image.open(tmp_path / "on" / "seed000000.png"), dtype=float)
+    b = np.asarray(Image.open(tmp_path / "off" / "seed000000.png"), dtype=float)
+    assert not np.array_equal(a, b)  # the condition changes the picture of the same seed
+    bad = runner.invoke(app, ["sample", str(out), "--out", str(tmp_path / "x"), "--seeds", "0",
+                              "--attrs", "Smiling=1"])  # fmt: skip
+    assert bad.exit_code == 1 and "Smiling" in bad.stderr and len(bad.stderr.splitlines()) == 1
