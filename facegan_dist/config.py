@@ -171,6 +171,10 @@ class TrainConfig:
     exact: bool = False  # bit-reproducible path: deterministic, fp32 math, no compile/fusion
     num_workers: int = 2  # loader worker processes per rank
     shuffle_buffer: int = 1000  # samples held by each loader worker's shuffle buffer
+    # evaluation during training (FID/KID of the EMA of G; the best one is exported to best/)
+    eval_every: int = 0  # steps between evaluations; 0 = never (evaluate later: facegan evaluate)
+    eval_n: int = 2000  # generated and real images per evaluation
+    eval_features: str = "attributes"  # attributes (offline, shard classifier) | inception
     # faults
     on_nonfinite: str = "stop"  # stop | rollback (to the last checkpoint, lower the lrs)
     max_rollbacks: int = 3  # give up after this many rollbacks
@@ -257,6 +261,14 @@ class TrainConfig:
             raise bad("--wandb-mode", f"{self.wandb_mode!r} must be online, offline or disabled")
         if self.split not in SPLITS:
             raise bad("--split", f"{self.split!r} must be one of {', '.join(SPLITS)}")
+        if self.eval_every < 0:
+            raise bad("--eval-every", f"{self.eval_every} must be >= 0 (0 = off)")
+        if self.eval_every and self.eval_n < 2:
+            raise bad("--eval-n", f"{self.eval_n} must be at least 2")
+        if self.eval_features not in ("attributes", "inception"):
+            raise bad("--eval-features", f"{self.eval_features!r} must be attributes or inception")
+        if self.eval_every and self.condition:
+            raise bad("--eval-every", "is not supported for conditional models (--condition)")
         if self.on_nonfinite not in ("stop", "rollback"):
             raise bad("--on-nonfinite", f"{self.on_nonfinite!r} must be stop or rollback")
         if self.max_rollbacks < 0:

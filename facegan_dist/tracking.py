@@ -123,6 +123,16 @@ class RunLogger:
             arr = grid.permute(1, 2, 0).contiguous().numpy()
             self.acc.log({key: wandb.Image(arr, caption=f"step {step}")}, step=step)
 
+    def artifact(self, folder: Path, *, name: str, kind: str, metadata: dict) -> None:
+        """Log a folder (e.g. the exported generator) as a W&B artifact (main process)."""
+        if not self.main or self.mode == "disabled":
+            return
+        import wandb
+
+        art = wandb.Artifact(name=name, type=kind, metadata=metadata)
+        art.add_dir(str(folder))
+        self.acc.get_tracker("wandb", unwrap=True).log_artifact(art)
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.main and self.mode != "disabled":
             run = self.acc.get_tracker("wandb", unwrap=True)

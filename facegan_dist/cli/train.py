@@ -252,6 +252,23 @@ def train_cmd(
     shuffle_buffer: Annotated[
         int | None, typer.Option(help="Shuffle buffer per loader worker.", rich_help_panel=RUN)
     ] = None,
+    eval_every: Annotated[
+        int | None,
+        typer.Option(
+            help="Steps between FID/KID evaluations (0 = off); the best G goes to RUN/best/.",
+            rich_help_panel=LOG,
+        ),
+    ] = None,
+    eval_n: Annotated[
+        int | None,
+        typer.Option(help="Images per evaluation. [default: 2000]", rich_help_panel=LOG),
+    ] = None,
+    eval_features: Annotated[
+        str | None,
+        typer.Option(
+            help="attributes (offline) | inception. [default: attributes]", rich_help_panel=LOG
+        ),
+    ] = None,
     on_nonfinite: Annotated[
         str | None,
         typer.Option(
@@ -341,6 +358,7 @@ def train_cmd(
         deterministic=deterministic, data_cache=data_cache, hflip=hflip, compile=compile,
         channels_last=channels_last, tf32=tf32, fused_adam=fused_adam, exact=exact,
         num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+        eval_every=eval_every, eval_n=eval_n, eval_features=eval_features,
         on_nonfinite=on_nonfinite, max_rollbacks=max_rollbacks,
         rollback_lr_factor=rollback_lr_factor, skip_bad_samples=skip_bad_samples,
         log_every=log_every, sample_every=sample_every, n_samples=n_samples,

@@ -416,6 +416,17 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         last_log_t, last_log_images = now, images_seen
         return row
 
+    def final_pictures(G_final: torch.nn.Module) -> None:
+        """The end of a run: a grid of seeds 0-63 and a slerp strip seed 0 -> 1 (main process)."""
+        from facegan_dist.latent import interpolate, seed_z
+        from facegan_dist.sampling import generate, seed_images, strip_uint8
+
+        grid = grid_uint8(seed_images(G_final, range(64)))
+        logger.image("final/grid", grid, step, run_dir / "samples" / "final-grid.png")
+        a, b = seed_z([0, 1], G_final.z_dim)
+        strip = strip_uint8(generate(G_final, interpolate(a, b, 10, "slerp")))
+        logger.image("final/interpolation", strip, step, run_dir / "samples" / "final-interp.png")
+
     def ckpt_tensors() -> dict[str, dict[str, torch.Tensor]]:
         tensors = {"fixed_noise": {"z": noise}}
         if fixed_c is not None:
@@ -459,6 +470,36 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, c
 
+    best: dict[str, Any] = (
+        json.loads((run_dir / "best" / "best.json").read_text())
+        if (run_dir / "best" / "best.json").is_file()
+        else {}
+    )
+
+    def evaluate_now() -> dict[str, Any]:
+        """FID/KID of the EMA of G (every rank: the evaluation is split across ranks); exports
+        G to RUN/best/ when the FID is the best so far."""
+        from facegan_dist.metrics import evaluate_generator
+
+        G_eval = ema.module if ema is not None else acc.unwrap_model(G)
+        res = evaluate_generator(
+            G_eval, cfg.data, n=cfg.eval_n, features=cfg.eval_features,
+            split="train" if cfg.split == "all" else cfg.split, batch=max(bpd, 50),
+            device=device, acc=acc, seed=1_000_000,
+        )  # fmt: skip
+        row = {"step": step, "fid": res["fid"], "kid": res["kid"], "kid_std": res["kid_std"],
+               "eval_features": cfg.eval_features, "eval_n": cfg.eval_n}  # fmt: skip
+        if not best or res["fid"] < best["fid"]:
+            best.clear()
+            best.update(step=step, fid=res["fid"], kid=res["kid"], features=cfg.eval_features)
+            if acc.is_main_process:
+                export_generator(acc.unwrap_model(G), gen_meta, run_dir / "best",
+                                 ema=ema.module if ema is not None else None)  # fmt: skip
+                atomic_write_text(run_dir / "best" / "best.json", json.dumps(best, indent=2))
+            row["best"] = True
+        logger.log(row, step)
+        return row
+
     stop = _StopFlag()
     progress = make_progress(enabled=acc.is_main_process)
     with stop, progress:
@@ -493,6 +534,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
             if step % cfg.sample_every == 0 or last or preempt:
                 if acc.is_main_process:
                     last_grid = sample_grid()
+            if cfg.eval_every and (step % cfg.eval_every == 0 or last) and not preempt:
+                evaluate_now()
             if step % cfg.ckpt_every == 0 or last or preempt:
                 if not healthy():
                     progress.update(task, completed=step)
@@ -516,6 +559,10 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
             meta = gen_meta
             G_raw = acc.unwrap_model(G, keep_fp32_wrapper=False)
             export_generator(G_raw, meta, export_dir, ema=ema.module if ema else None)
+            if not condition:
+                final_pictures(ema.module if ema is not None else G_raw)
+            info = {"step": step, "images_seen": images_seen, **best}
+            logger.artifact(export_dir, name=f"generator-{run_id}", kind="model", metadata=info)
         acc.wait_for_everyone()
     if preempted:
         signame = signal.Signals(stop.signum).name if stop.signum else "a signal"

@@ -12,12 +12,13 @@ import struct
 from pathlib import Path
 
 
-def read_history(path: Path) -> list[dict]:
+def read_records(path: Path) -> list:
+    """Every record (wandb_internal_pb2.Record) of a .wandb file."""
     from wandb.proto import wandb_internal_pb2
 
     data = Path(path).read_bytes()
     assert data[:4] == b":W&B", f"{path} is not a .wandb file"
-    pos, buf, rows = 7, b"", []
+    pos, buf, records = 7, b"", []
     while pos + 7 <= len(data):
         left = 32768 - pos % 32768
         if left < 7:
@@ -32,11 +33,18 @@ def read_history(path: Path) -> list[dict]:
         if t in (1, 4):
             rec = wandb_internal_pb2.Record()
             rec.ParseFromString(buf)
-            if rec.HasField("history"):
-                rows.append(
-                    {
-                        (i.key or "/".join(i.nested_key)): json.loads(i.value_json)
-                        for i in rec.history.item
-                    }
-                )
+            records.append(rec)
+    return records
+
+
+def read_history(path: Path) -> list[dict]:
+    rows = []
+    for rec in read_records(path):
+        if rec.HasField("history"):
+            rows.append(
+                {
+                    (i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                    for i in rec.history.item
+                }
+            )
     return rows

@@ -173,7 +173,11 @@ def test_wandb_offline_run_holds_scalars_and_images(shards16, tmp_path):
 
     def complete(history: list[dict]) -> bool:
         n_scalars = sum("loss_d" in h for h in history)
-        return n_scalars >= len(local) and any("samples/fixed_noise/path" in h for h in history)
+        return (
+            n_scalars >= len(local)
+            and any("samples/fixed_noise/path" in h for h in history)
+            and any("final/interpolation/path" in h for h in history)
+        )
 
     # wandb-core flushes the .wandb file asynchronously, after run.finish() has returned
     deadline = time.time() + 60
@@ -196,6 +200,18 @@ def test_wandb_offline_run_holds_scalars_and_images(shards16, tmp_path):
     logged = np.asarray(Image.open(res.wandb_dir / "files" / media).convert("RGB"))
     local_png = np.asarray(Image.open(tmp_path / "w" / "samples" / "fixed-000000010.png"))
     assert np.array_equal(logged, local_png)
+    # the final grid, the interpolation strip and the exported generator as a model artifact
+    assert any("final/grid/path" in h for h in history)
+    assert any("final/interpolation/path" in h for h in history)
+    from tests.helpers.wandb_reader import read_records
+
+    deadline = time.time() + 60
+    while not (arts := [r.artifact for r in read_records(wandb_file) if r.HasField("artifact")]):
+        assert time.time() < deadline, "no artifact record"
+        time.sleep(0.5)
+    assert arts[0].type == "model" and arts[0].name.startswith("generator-")
+    files = {f.path for f in arts[0].manifest.contents}
+    assert {"generator.safetensors", "generator.json"} <= files
 
 
 def test_config_merge_order(tmp_path):
@@ -249,3 +265,22 @@ def test_rollback_gives_up_after_max_rollbacks(shards16, tmp_path, monkeypatch):
             on_nonfinite="rollback", max_rollbacks=2)  # fmt: skip
     ckpts = sorted(p.name for p in (tmp_path / "rb" / "checkpoints").iterdir())
     assert ckpts == ["step-000000004"]  # only the good checkpoint exists
+
+
+def test_eval_every_logs_fid_and_keeps_best(shards16, tmp_path):
+    res = run(shards16, tmp_path / "ev", max_steps=10, eval_every=5, eval_n=16)
+    metrics = rows(tmp_path / "ev")
+    evals = [r for r in metrics if "fid" in r]
+    assert [r["step"] for r in evals] == [5, 10]
+    assert all(math.isfinite(r["fid"]) and r["eval_features"] == "attributes" for r in evals)
+    best = json.loads((tmp_path / "ev" / "best" / "best.json").read_text())
+    assert best["fid"] == min(r["fid"] for r in evals)
+    assert best["step"] in (5, 10)
+    from facegan_dist.export import load_generator
+
+    G, meta = load_generator(tmp_path / "ev" / "best")
+    assert meta["resolution"] == 16
+    # the end of the run: a grid of seeds 0-63 and an interpolation strip
+    assert (tmp_path / "ev" / "samples" / "final-grid.png").is_file()
+    assert (tmp_path / "ev" / "samples" / "final-interp.png").is_file()
+    assert res.step == 10
