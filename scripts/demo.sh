@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: the whole product on the built-in synthetic CelebA, on CPU, in a few minutes:
-#   synth (Kaggle archive.zip layout) -> shard (32 px) -> verify -> preview -> train -> sample grid.
+#   synth (Kaggle archive.zip layout) -> shard (32 px) -> verify + preview -> train -> sample.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -25,11 +25,15 @@ echo "== 4/5 train: DCGAN, preset demo (W&B offline)"
 facegan train --data "$DEMO_DIR/shards32" --out "$DEMO_DIR/run" --preset demo --resume auto \
   ${STEPS:+--max-steps "$STEPS"}
 
-echo "== 5/5 results"
+echo "== 5/5 sample: a grid of seeds 0-63 and two interpolation strips from the EMA generator"
+facegan sample "$DEMO_DIR/run" --out "$DEMO_DIR/samples" --grid 8x8 --interpolate 0-1,2-3 --steps 8
+
+echo "== results"
 last_grid=$(ls "$DEMO_DIR"/run/samples/fixed-*.png | tail -n 1)
 wandb_run=$(ls -d "$DEMO_DIR"/run/wandb/offline-run-* 2>/dev/null | tail -n 1 || true)
 echo "contact sheet of the shards: $DEMO_DIR/shards32-contact-sheet.png"
 echo "last fixed-noise grid:       $last_grid"
+echo "sample grid (seeds 0-63):    $DEMO_DIR/samples/grid.png"
 echo "run folder:                  $DEMO_DIR/run  (metrics.jsonl, samples/, checkpoints/, export/)"
 if [ -n "$wandb_run" ]; then
   echo "offline W&B run:             $wandb_run   (upload: wandb sync $wandb_run)"
