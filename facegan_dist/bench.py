@@ -162,9 +162,14 @@ def bench_train(
     from facegan_dist import dist
     from facegan_dist.config import merge_train_config
     from facegan_dist.errors import ConfigError
-    from facegan_dist.models import build_models, count_params
-    from facegan_dist.train.augment import parse_policy
-    from facegan_dist.train.steps import GANStep, to_model_input
+    from facegan_dist.models import count_params
+    from facegan_dist.train.setup import (
+        apply_backend_settings,
+        build_gan,
+        build_step,
+        memory_format_and_optimizers,
+        model_input,
+    )
 
     cfg = merge_train_config(
         preset, None, {"data": data or Path("synthetic"), "batch": batch, **(overrides or {})}
@@ -172,10 +177,7 @@ def bench_train(
     acc = dist.build_accelerator(precision)
     device = acc.device
     fast = cfg.fast_settings(device.type)
-    torch.backends.cuda.matmul.allow_tf32 = fast["tf32"]
-    torch.backends.cudnn.allow_tf32 = fast["tf32"]
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    apply_backend_settings(fast, device.type)
     real_iter = None
     if data is not None:
         from facegan_dist.data.stream import ShardStream, make_loader, read_manifest
@@ -195,16 +197,9 @@ def bench_train(
     set_seed(cfg.seed)
     if cfg.condition:
         raise ConfigError("bench train does not support conditional presets (--condition)")
-    G, D = build_models(cfg.arch, resolution=resolution, z_dim=cfg.z_dim, g_width=cfg.g_width,
-                        d_width=cfg.d_width, act=cfg.act, dropout=cfg.dropout,
-                        upsample=cfg.upsample, d_norm=cfg.resolved_d_norm,
-                        spectral_norm=cfg.spectral_norm)  # fmt: skip
+    G, D = build_gan(cfg, resolution)
     G_plain, D_plain = copy.deepcopy(G).to(device), copy.deepcopy(D).to(device)
-    if fast["channels_last"]:
-        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    adam = {"fused": True} if fast["fused_adam"] else {}
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=cfg.betas_g, **adam)
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=cfg.betas_d, **adam)
+    G, D, opt_g, opt_d = memory_format_and_optimizers(G, D, cfg, fast)
     opt_gp = torch.optim.Adam(G_plain.parameters(), lr=cfg.lr_g, betas=cfg.betas_g)
     opt_dp = torch.optim.Adam(D_plain.parameters(), lr=cfg.lr_d, betas=cfg.betas_d)
     G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
@@ -213,22 +208,12 @@ def bench_train(
                            generator=gen) for _ in range(4)]  # fmt: skip
     if device.type == "cuda":
         reals = [r.pin_memory() for r in reals]
-    G_step, D_step = G, D
-    if fast["compile"]:
-        G_step = torch.compile(G)
-        if not (cfg.loss == "wgan-gp" or cfg.r1):
-            D_step = torch.compile(D)
-    gan_step = GANStep(
-        acc, G_step, D_step, opt_g, opt_d, loss=cfg.loss, d_every=cfg.d_every, d_steps=cfg.d_steps,
-        batch=batch, z_dim=cfg.z_dim, seed=cfg.seed, resolution=resolution,
-        augment=parse_policy(cfg.augment), gp_lambda=cfg.gp_lambda, r1_gamma=cfg.r1,
-        clip=cfg.clip,
-    )  # fmt: skip
+    gan_step = build_step(acc, G, D, opt_g, opt_d, cfg, fast, batch=batch,
+                          resolution=resolution)  # fmt: skip
     counter = {"i": 0}
 
     def prep(x: torch.Tensor) -> torch.Tensor:
-        x = to_model_input(x, device)
-        return x.contiguous(memory_format=torch.channels_last) if fast["channels_last"] else x
+        return model_input(x, device, fast)
 
     def next_synthetic() -> tuple[torch.Tensor, None]:
         counter["i"] += 1

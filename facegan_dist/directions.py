@@ -199,16 +199,11 @@ def compute_directions(cfg: DirectionsConfig, state=None, log=print) -> dict:
     from facegan_dist.classifier import ClassifierSettings, get_classifier
     from facegan_dist.data.stream import read_manifest
     from facegan_dist.latent import seed_z
-    from facegan_dist.sampling import load_any_generator
+    from facegan_dist.sampling import load_unconditional_generator
 
     cfg.validate()
     device = state.device if state is not None else "cpu"
-    G, meta, info = load_any_generator(cfg.source, device, ema=cfg.ema)
-    if meta.get("condition"):
-        raise ConfigError(
-            f"{cfg.source}: a conditional generator; this command supports unconditional "
-            "models only (use `facegan sample --attrs` to draw from it)"
-        )
+    G, meta, info = load_unconditional_generator(cfg.source, device, ema=cfg.ema)
     manifest = read_manifest(cfg.data)
     if manifest["settings"]["size"] != meta["resolution"]:
         raise ConfigError(

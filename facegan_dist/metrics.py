@@ -465,19 +465,14 @@ def evaluate(cfg: EvaluateConfig, state=None, log=None) -> dict:
     """Run `facegan evaluate` (every rank calls it); rank 0 writes the JSON result."""
     from facegan_dist import dist
     from facegan_dist.export import atomic_write_text
-    from facegan_dist.sampling import load_any_generator
+    from facegan_dist.sampling import load_unconditional_generator
 
     if cfg.features not in FEATURES:
         raise ConfigError(f"--features {cfg.features!r} must be one of {', '.join(FEATURES)}")
     if cfg.features == "inception":
         inception_weights_path(cfg.inception_weights)  # fail before loading anything else
     device = state.device if state is not None else "cpu"
-    G, meta, info = load_any_generator(cfg.source, device, ema=cfg.ema)
-    if meta.get("condition"):
-        raise ConfigError(
-            f"{cfg.source}: a conditional generator; this command supports unconditional "
-            "models only (use `facegan sample --attrs` to draw from it)"
-        )
+    G, meta, info = load_unconditional_generator(cfg.source, device, ema=cfg.ema)
     from facegan_dist.data.stream import read_manifest
 
     size = read_manifest(cfg.data)["settings"]["size"]

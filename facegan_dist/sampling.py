@@ -228,6 +228,20 @@ def condition_generator(G: torch.nn.Module, meta: dict, attrs: str | None):
     return ConditionedG(G, parse_attrs(attrs, condition)).to(next(G.parameters()).device).eval()
 
 
+def load_unconditional_generator(path: Path, device="cpu", ema: bool = True):
+    """load_any_generator for the commands that draw G(z) without a condition (directions,
+    evaluate): a conditional generator is refused with one line."""
+    from facegan_dist.errors import ConfigError
+
+    G, meta, info = load_any_generator(path, device, ema=ema)
+    if meta.get("condition"):
+        raise ConfigError(
+            f"{path}: a conditional generator; this command supports unconditional models only "
+            "(use `facegan sample --attrs` to draw from it)"
+        )
+    return G, meta, info
+
+
 # ---- seed-addressed images ----
 
 

@@ -30,9 +30,14 @@ from facegan_dist.errors import CheckpointError, ConfigError, DataError, Trainin
 from facegan_dist.export import atomic_write_text, export_generator, generator_meta
 from facegan_dist.sampling import fixed_noise, grid_uint8
 from facegan_dist.train import checkpoint
-from facegan_dist.train.augment import parse_policy
 from facegan_dist.train.ema import EMA
-from facegan_dist.train.steps import GANStep, to_model_input
+from facegan_dist.train.setup import (
+    apply_backend_settings,
+    build_gan,
+    build_step,
+    memory_format_and_optimizers,
+    model_input,
+)
 
 
 def resolve_config(
@@ -132,7 +137,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
     from accelerate.utils import set_seed
 
     from facegan_dist.data.stream import ShardStream, make_loader
-    from facegan_dist.models import build_models, count_params
+    from facegan_dist.models import count_params
     from facegan_dist.progress import make_progress
     from facegan_dist.tracking import RunLogger, new_run_id, resolve_wandb_mode, truncate_metrics
 
@@ -152,13 +157,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
     if cfg.sync_bn and acc.device.type != "cuda":
         raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm does not run on CPU/MPS)")
     fast = cfg.fast_settings(acc.device.type)
-    if fast["deterministic"]:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif acc.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithms
-    torch.backends.cuda.matmul.allow_tf32 = fast["tf32"]
-    torch.backends.cudnn.allow_tf32 = fast["tf32"]
+    apply_backend_settings(fast, acc.device.type)
 
     # ---- data: each rank reads its own share; NOT passed through accelerator.prepare ----
     batches_seen = int(state.get("batches_seen", 0))  # per rank, identical on every rank
@@ -191,27 +190,11 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
     set_seed(cfg.seed)
     condition = resolve_condition(cfg.condition, attribute_names)
     cond_idx = torch.tensor([attribute_names.index(a) for a in condition], dtype=torch.long)
-    G, D = build_models(
-        cfg.arch,
-        resolution=resolution,
-        z_dim=cfg.z_dim,
-        g_width=cfg.g_width,
-        d_width=cfg.d_width,
-        act=cfg.act,
-        dropout=cfg.dropout,
-        upsample=cfg.upsample,
-        d_norm=cfg.resolved_d_norm,
-        spectral_norm=cfg.spectral_norm,
-        n_cond=len(condition),
-    )
+    G, D = build_gan(cfg, resolution, n_cond=len(condition))
     if cfg.sync_bn and world > 1:
         G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(G)
         D = torch.nn.SyncBatchNorm.convert_sync_batchnorm(D)
-    if fast["channels_last"]:
-        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    adam = {"fused": True} if fast["fused_adam"] else {}
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=cfg.betas_g, **adam)
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=cfg.betas_d, **adam)
+    G, D, opt_g, opt_d = memory_format_and_optimizers(G, D, cfg, fast)
     # This order is the checkpoint file order (model.safetensors = G, model_1 = D, ...).
     G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
     dist.seed_rank(acc, cfg.seed)
@@ -325,20 +308,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
 
     device = acc.device
     flip_gen = torch.Generator(device=device)
-    # torch.compile wraps the prepared modules for the step only: checkpoints, the EMA and
-    # exports keep using the plain modules (no `_orig_mod.` keys). A penalty needs a double
-    # backward through D, which compiled autograd does not support (pytorch#91469): G only.
-    G_step, D_step = G, D
-    if fast["compile"]:
-        G_step = torch.compile(G)
-        if not (cfg.loss == "wgan-gp" or cfg.r1):
-            D_step = torch.compile(D)
-    gan_step = GANStep(
-        acc, G_step, D_step, opt_g, opt_d, loss=cfg.loss, d_every=cfg.d_every, d_steps=cfg.d_steps,
-        batch=cfg.batch, z_dim=cfg.z_dim, seed=cfg.seed, resolution=resolution,
-        augment=parse_policy(cfg.augment), gp_lambda=cfg.gp_lambda, r1_gamma=cfg.r1,
-        clip=cfg.clip,
-    )  # fmt: skip
+    gan_step = build_step(acc, G, D, opt_g, opt_d, cfg, fast, batch=cfg.batch,
+                          resolution=resolution)  # fmt: skip
     cond_idx = cond_idx.to(device)
     last_log_t, last_log_images = time.perf_counter(), images_seen
     last_row: dict[str, Any] = {}
@@ -461,13 +432,11 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
                 grid = grid_uint8(images_u8[: cfg.n_samples])
                 logger.image("samples/real", grid, step, run_dir / "samples" / "real.png")
             real_logged = True
-        x = to_model_input(images_u8, device)
+        x = model_input(images_u8, device, fast)
         if cfg.hflip:  # a flip per image, seeded by (seed, batch drawn, rank): replayable
             flip_gen.manual_seed((cfg.seed * 1_000_003 + batches_seen) * 4096 + acc.process_index)
             mask = torch.rand(len(x), 1, 1, 1, generator=flip_gen, device=device) < 0.5
             x = torch.where(mask, x.flip(3), x)
-        if fast["channels_last"]:
-            x = x.contiguous(memory_format=torch.channels_last)
         return x, c
 
     best: dict[str, Any] = (

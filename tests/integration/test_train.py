@@ -69,7 +69,8 @@ def test_run_folder_artifacts(shards16, tmp_path):
     res = run(shards16, tmp_path / "r", max_steps=20, keep=1)
     r = tmp_path / "r"
     samples = sorted(p.name for p in (r / "samples").glob("*.png"))
-    assert samples == ["fixed-000000010.png", "fixed-000000020.png", "real.png"]
+    assert samples == ["final-grid.png", "final-interp.png", "fixed-000000010.png",
+                       "fixed-000000020.png", "real.png"]  # fmt: skip
     from PIL import Image
 
     grid = np.asarray(Image.open(r / "samples" / "fixed-000000020.png"))
