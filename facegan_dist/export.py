@@ -98,6 +98,7 @@ def load_generator(
 ) -> tuple[nn.Module, dict]:
     """Rebuild G from an export folder (or its .safetensors file) -> (G in eval mode, meta).
     `ema=False` loads the raw G of an export that has an EMA."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -111,7 +112,7 @@ def load_generator(
         meta = json.loads(meta_path.read_text())
         G, _ = build_from_meta(meta)
         G.load_state_dict(load_file(str(weights), device="cpu"))
-    except (KeyError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
+    except (KeyError, ValueError, RuntimeError, json.JSONDecodeError, SafetensorError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{weights}: cannot load generator: {first}") from None
     return G.to(device).eval(), meta

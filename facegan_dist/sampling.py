@@ -136,6 +136,7 @@ def find_generator(path: Path) -> tuple[str, Path, Path | None]:
 def _load_checkpoint_generator(ckpt: Path, device, ema: bool):
     import json
 
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from facegan_dist.errors import CheckpointError
@@ -161,7 +162,7 @@ def _load_checkpoint_generator(ckpt: Path, device, ema: bool):
         for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers, if any
             sd = {k.removeprefix(prefix): v for k, v in sd.items()}
         G.load_state_dict(sd)
-    except (KeyError, ValueError, RuntimeError) as exc:
+    except (KeyError, ValueError, RuntimeError, SafetensorError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{weights}: cannot load generator: {first}") from None
     return G.to(device).eval(), {**meta, "ema": use_ema}
