@@ -3,6 +3,14 @@
 Every scalar row goes to `RUN_DIR/metrics.jsonl` (one JSON object per log interval) and to W&B;
 every image goes to `RUN_DIR/samples/*.png` and to W&B. Only the main process writes or talks to
 W&B; callers reduce statistics on all ranks *before* calling in here.
+
+W&B must never stop a training run (docs/RELIABILITY.md):
+- when an online run cannot start (no network, a firewall, a bad key; wandb gives up after
+  `WANDB_INIT_TIMEOUT` seconds, 90 by default), the logger prints one `warning:` line and logs
+  offline under the same run id, to upload later with `wandb sync`;
+- when W&B fails during the run (e.g. its service process was killed: SLURM signals every
+  process of a job at preemption), the logger prints one `warning:` line and goes on without
+  W&B; metrics.jsonl and samples/ stay complete.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +95,8 @@ class RunLogger:
         if mode != "disabled":
             import wandb
 
-            acc.init_trackers(
-                project,
-                config=config,
-                init_kwargs={
+            def init_kwargs(mode: str) -> dict[str, Any]:
+                return {
                     "wandb": {
                         "dir": str(run_dir),
                         "mode": mode,
@@ -98,43 +105,117 @@ class RunLogger:
                         "name": run_name,
                         "settings": wandb.Settings(console="off", silent=True),
                     }
-                },
-            )
-            if self.main:
+                }
+
+            # Only the main process starts a W&B run (accelerate's tracker.start is main-only),
+            # so a failure and the fallbacks below happen there alone: no collective is involved.
+            warning = None
+            try:
+                acc.init_trackers(project, config=config, init_kwargs=init_kwargs(mode))
+            except Exception as exc:  # any failure to start W&B: training goes on regardless
+                self._drop_wandb()
+                warning = f"W&B {mode} run {run_id} could not start ({_one_line(exc)}); "
+                self.mode = "offline" if mode == "online" else "disabled"
+                if self.mode == "offline":
+                    try:
+                        acc.init_trackers(
+                            project, config=config, init_kwargs=init_kwargs("offline")
+                        )
+                    except Exception as exc2:
+                        self._drop_wandb()
+                        self.mode = "disabled"
+                        warning += f"offline neither ({_one_line(exc2)}); "
+            if self.main and self.mode != "disabled":
                 run = acc.get_tracker("wandb", unwrap=True)
                 self.wandb_dir = Path(run.dir).parent if getattr(run, "dir", None) else None
+            if self.main and warning is not None:
+                if self.mode == "offline":
+                    warning += (
+                        f"logging offline instead (upload it later: wandb sync {self.wandb_dir})"
+                    )
+                else:
+                    warning += "training goes on, logging to metrics.jsonl and samples/ only"
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
+
+    def _drop_wandb(self, service_gone: bool = True) -> None:
+        """Forget a broken W&B run: accelerate keeps the failed tracker (end_training would call
+        finish() on it), and wandb's service holds the run id ("run ID ... is in use") and an
+        exit hook that fails with a traceback when the service died."""
+        import wandb
+
+        self.acc.trackers = [t for t in self.acc.trackers if getattr(t, "name", None) != "wandb"]
+        if service_gone:
+            try:
+                wandb.teardown()
+            except Exception:
+                pass
+
+    def _wandb(self, call) -> None:
+        """Run a W&B call (main process); the first failure turns W&B off for the rest of the run
+        with one warning line: logging must not stop training."""
+        if self.mode == "disabled":
+            return
+        try:
+            call()
+        except Exception as exc:
+            self.mode = "disabled"
+            # a dead service (ConnectionResetError) is torn down; a live one (e.g. online and
+            # uploading) is left alone: tearing it down would wait for the uploads
+            self._drop_wandb(service_gone=isinstance(exc, OSError))
+            print(
+                f"warning: W&B stopped working ({type(exc).__name__}: {_one_line(exc)}); "
+                f"training goes on, logging to {self.metrics_path.name} and samples/ only",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def log(self, row: dict[str, Any], step: int) -> None:
         if not self.main:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.mode != "disabled":
-            self.acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        self._wandb(lambda: self.acc.log({k: v for k, v in row.items() if k != "step"}, step=step))
 
     def image(self, key: str, grid: Tensor, step: int, png: Path) -> None:
         """A [3, H, W] uint8 grid to `png` and to W&B under `key`."""
         if not self.main:
             return
         save_png(grid, png)
-        if self.mode != "disabled":
+
+        def log_image() -> None:
             import wandb
 
             arr = grid.permute(1, 2, 0).contiguous().numpy()
             self.acc.log({key: wandb.Image(arr, caption=f"step {step}")}, step=step)
 
+        self._wandb(log_image)
+
     def artifact(self, folder: Path, *, name: str, kind: str, metadata: dict) -> None:
         """Log a folder (e.g. the exported generator) as a W&B artifact (main process)."""
-        if not self.main or self.mode == "disabled":
+        if not self.main:
             return
-        import wandb
 
-        art = wandb.Artifact(name=name, type=kind, metadata=metadata)
-        art.add_dir(str(folder))
-        self.acc.get_tracker("wandb", unwrap=True).log_artifact(art)
+        def log_artifact() -> None:
+            import wandb
+
+            art = wandb.Artifact(name=name, type=kind, metadata=metadata)
+            art.add_dir(str(folder))
+            self.acc.get_tracker("wandb", unwrap=True).log_artifact(art)
+
+        self._wandb(log_artifact)
 
     def summary(self, values: dict[str, Any]) -> None:
-        if self.main and self.mode != "disabled":
+        if not self.main:
+            return
+
+        def set_summary() -> None:
             run = self.acc.get_tracker("wandb", unwrap=True)
             for k, v in values.items():
                 run.summary[k] = v
+
+        self._wandb(set_summary)
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -48,6 +48,7 @@ Workers and resume
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import functools
 import hashlib
@@ -55,11 +56,12 @@ import io
 import itertools
 import json
 import math
-import os
 import random
+import signal
 import tarfile
 import time
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -521,7 +523,9 @@ class _StreamLoader(DataLoader):
         # Not a generator: the workers must start (fork) when iter() is called, not at the first
         # next(). The training loop forks them before W&B starts its service; a worker forked
         # after wandb.init dies in wandb's import hook ("not valid in a forked process").
-        return _OneLineErrors(super().__iter__())
+        it = super().__iter__()
+        _track_workers(getattr(it, "_workers", ()))
+        return _OneLineErrors(it)
 
 
 class _OneLineErrors:
@@ -542,20 +546,48 @@ class _OneLineErrors:
             raise
 
 
-def _leave_process_group(worker_id: int) -> None:
-    """worker_init_fn: a stop signal sent to the trainer's process group is not for its workers.
+# ---- stop signals are for the trainer, not for its loader workers ----
+#
+# A preemption or Ctrl-C often reaches every process: SLURM signals all processes of a job step,
+# torchrun's agent forwards SIGTERM with `os.killpg` to each trainer's process group, a terminal
+# sends SIGINT to the foreground group. A loader worker killed by it makes torch raise
+# "DataLoader worker (pid N) is killed by signal" in the trainer (from its SIGCHLD handler, at any
+# point), so the trainer could not finish its step and write its checkpoint (docs/RELIABILITY.md).
+# Workers therefore ignore SIGTERM and SIGINT. They still stop: torch's shutdown sends them a stop
+# message, and a worker whose trainer died exits on its own (torch's watchdog). One path needs
+# help: an interpreter that exits with live workers (e.g. after an uncaught exception) has
+# multiprocessing terminate (SIGTERM, now ignored) and then join its daemonic children, which
+# would hang; an exit hook kills our workers first (atexit runs hooks newest first, and
+# multiprocessing registered its own when it was imported).
 
-    torchrun's agent forwards SIGTERM with `os.killpg` to each trainer's process group, and a
-    terminal sends Ctrl-C's SIGINT to the foreground group. A loader worker killed by it makes
-    torch raise "DataLoader worker (pid N) is killed by signal" in the trainer (from its SIGCHLD
-    handler, at any point), so the trainer could not finish its step and checkpoint
-    (docs/RELIABILITY.md). In a group of its own the worker only gets signals sent to its pid:
-    torch's own shutdown still works (a stop message, then terminate()), and a worker whose
-    trainer died exits on its own (torch's watchdog). Ignoring SIGTERM in the worker instead
-    would hang an interpreter that exits with live workers (multiprocessing terminates daemonic
-    children, then joins them).
-    """
-    os.setpgid(0, 0)
+_workers: weakref.WeakSet = weakref.WeakSet()
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn (see above)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _track_workers(processes) -> None:
+    if not processes:
+        return
+    if not _workers:
+        atexit.unregister(_kill_workers_at_exit)
+        atexit.register(_kill_workers_at_exit)
+    _workers.update(processes)
+
+
+def _kill_workers_at_exit() -> None:
+    live = [p for p in list(_workers) if p.is_alive()]
+    if not live:
+        return
+    # torch's SIGCHLD handler would report the killed workers as crashed; we are exiting anyway
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in live:
+        p.kill()
+    for p in live:
+        p.join(timeout=5)
 
 
 def make_loader(
@@ -570,7 +602,7 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=prefetch_factor if workers > 0 else None,
-        worker_init_fn=_leave_process_group if workers > 0 else None,
+        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
     )
 
 

@@ -9,13 +9,22 @@ code); ours are JSON/safetensors.
 
 Atomicity: every rank writes into `.tmp-step-.../`; after a barrier rank 0 writes
 `trainer_state.json` last and renames the folder. A folder without the `.tmp-` prefix and with
-`trainer_state.json` is complete; anything else (a kill mid-write) is never picked by --resume.
+`trainer_state.json` is complete; anything else (a kill mid-write) is never picked by --resume,
+and the next save removes it.
+
+Failures (docs/RELIABILITY.md): a write that fails on any rank (disk full, quota, I/O error)
+removes the temp folder and raises the same one-line CheckpointError on every rank, after the
+same collectives, so no rank waits in a barrier that another one skipped. Loading reads nothing
+that can run code (safetensors, JSON, `torch.load(weights_only=True)`), and every rank fails or
+succeeds together.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -76,51 +85,228 @@ def save(
     keep: int,
 ) -> Path:
     """Write checkpoint `step` on ALL ranks (save_state is a collective), then rotate to `keep`.
-    `tensors` maps a name to a flat dict of tensors, saved as `<name>.safetensors` by rank 0."""
-    from safetensors.torch import save_file
+    `tensors` maps a name to a flat dict of tensors, saved as `<name>.safetensors` by rank 0.
 
+    A failed write (disk full, quota, I/O error) on any rank raises CheckpointError on every rank
+    after the same collectives, with the temp folder removed and the previous checkpoints intact.
+    """
     final = ckpt_root / ckpt_name(step)
     tmp = ckpt_root / f".tmp-{ckpt_name(step)}"
+
+    # 1. rank 0 prepares the folder and decides whether there is anything to write.
+    done, err = False, None
     if acc.is_main_process:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    acc.wait_for_everyone()
-    if final.exists():  # e.g. resumed at the final step: the checkpoint is already there
-        acc.wait_for_everyone()
+        try:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            _remove_debris(ckpt_root, final)
+            done = (final / STATE_NAME).is_file()  # e.g. resumed at the final step
+        except Exception as exc:
+            err = exc
+    done = _agree(acc, final, err, extra=done)
+    if done:
         return final
-    acc.save_state(str(tmp), safe_serialization=True)
-    acc.wait_for_everyone()
+
+    # 2. every rank writes its files (rank 0: models, optimizers, scaler; each rank: its RNG).
+    err = None
+    try:
+        acc.save_state(str(tmp), safe_serialization=True)
+    except Exception as exc:
+        err = exc
+    _agree(acc, final, err, cleanup=tmp)
+
+    # 3. rank 0 completes the folder, state last, and renames it into place.
+    err = None
     if acc.is_main_process:
-        for name, flat in tensors.items():
-            cpu = {k: v.detach().cpu().contiguous() for k, v in flat.items()}
-            save_file(cpu, str(tmp / f"{name}.safetensors"))
-        state = {**state, "tensor_files": sorted(tensors)}
-        atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=2))
-        _fsync_dir(tmp)
-        os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
+        try:
+            _write_rank0_files(tmp, final, state, tensors)
+        except Exception as exc:
+            err = exc
+    _agree(acc, final, err, cleanup=tmp)
+    if acc.is_main_process:
         for old in list_checkpoints(ckpt_root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return final
 
 
+def _write_rank0_files(
+    tmp: Path, final: Path, state: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]]
+) -> None:
+    from safetensors.torch import save_file
+
+    for name, flat in tensors.items():
+        cpu = {k: v.detach().cpu().contiguous() for k, v in flat.items()}
+        save_file(cpu, str(tmp / f"{name}.safetensors"))
+    state = {**state, "tensor_files": sorted(tensors)}
+    atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=2))
+    _fsync_dir(tmp)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _remove_debris(ckpt_root: Path, final: Path) -> None:
+    """Rank 0, before a save: drop what killed runs left behind. Every `.tmp-step-*` folder is
+    unfinished (each save starts by removing its own), and a `step-*` folder at this step without
+    trainer_state.json is not a checkpoint (not from us: we rename only complete folders) and
+    would block the rename. Nothing in here is ever picked by --resume."""
+    for old in ckpt_root.glob(".tmp-step-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    if final.is_dir() and not (final / STATE_NAME).is_file():
+        shutil.rmtree(final)
+
+
+# Exceptions that mean "the write failed" (the disk, not our code): torch.save reports a full disk
+# as RuntimeError ("PytorchStreamWriter failed writing file ..."), safetensors as SafetensorError.
+def _is_write_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError | RuntimeError) or type(exc).__name__ == "SafetensorError"
+
+
+def _agree(acc, final: Path, err: BaseException | None, *, cleanup: Path | None = None, extra=None):
+    """A collective every rank reaches, failed or not: gathers each rank's error and rank 0's
+    `extra`. When any rank failed, rank 0 removes `cleanup` and EVERY rank raises: a
+    CheckpointError naming `final`, or (on the rank where it happened) a non-I/O exception as is,
+    so a bug keeps its traceback. Returns rank 0's `extra` otherwise."""
+    mine = (None if err is None else f"{_describe(err, final)}", extra)
+    if acc.num_processes == 1:
+        gathered = [mine]
+    else:
+        from accelerate.utils import gather_object
+
+        gathered = list(gather_object([mine]))
+    failures = [(rank, msg) for rank, (msg, _) in enumerate(gathered) if msg is not None]
+    if not failures:
+        return gathered[0][1]
+    if cleanup is not None and acc.is_main_process:
+        shutil.rmtree(cleanup, ignore_errors=True)
+    if err is not None and not _is_write_error(err):
+        raise err
+    rank, msg = failures[0]
+    where = f" (rank {rank})" if acc.num_processes > 1 else ""
+    raise CheckpointError(
+        f"cannot write checkpoint {final}{where}: {msg}; the previous checkpoints are intact"
+    ) from (err if err is not None and acc.process_index == rank else None)
+
+
+def _describe(exc: BaseException, final: Path) -> str:
+    """One line for a failed write: 'no space left on device' when it is that, plus free space."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    try:
+        free: int | None = shutil.disk_usage(final.parent).free
+    except OSError:
+        free = None
+    code = getattr(exc, "errno", None)
+    if code == errno.EDQUOT or "quota" in text.lower():
+        what = "disk quota exceeded"
+    elif (
+        code == errno.ENOSPC
+        or "no space left" in text.lower()
+        # torch.save reports a full disk without errno ("file write failed")
+        or (free is not None and free < _NEARLY_FULL_BYTES)
+    ):
+        what = "no space left on device"
+    else:
+        what = text if len(text) <= 200 else text[:197] + "..."
+    if free is not None:
+        what += f" ({free / 2**20:,.0f} MiB free there)"
+    return what
+
+
+_NEARLY_FULL_BYTES = 64 * 2**20
+
+
+def _first_line(exc: BaseException) -> str:
+    text = _ANSI.sub("", str(exc)).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# What a checkpoint that cannot be loaded raises: files missing or truncated (OSError, EOFError,
+# RuntimeError), tensors of the wrong shape (RuntimeError), a pickle with anything but tensors and
+# plain containers (UnpicklingError from torch.load(weights_only=True)), bad safetensors.
+_LOAD_ERRORS = (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError)
+_REFUSED = "refused: it holds objects other than tensors (torch.load(weights_only=True))"
+
+
+def _check_rng_file(acc, ckpt: Path) -> str | None:
+    """Accelerate reads `random_states_<rank>.pkl` with weights_only=True but silently resumes
+    with other random streams when that fails; a tampered or truncated one is refused here."""
+    from accelerate.utils.other import load as accelerate_load
+
+    path = ckpt / f"random_states_{acc.process_index}.pkl"
+    if not path.is_file():  # e.g. resuming a 1-process checkpoint on 2: accelerate skips it too
+        return None
+    try:
+        states = accelerate_load(path, map_location="cpu")
+    except pickle.UnpicklingError:
+        return f"{path}: {_REFUSED}"
+    except Exception as exc:
+        return f"{path}: unreadable: {_first_line(exc)}"
+    if not isinstance(states, dict) or "torch_manual_seed" not in states:
+        return f"{path}: not an RNG state file"
+    return None
+
+
+def _unpicklable_file(ckpt: Path) -> Path | None:
+    """After a failed load: the first pickled file that torch.load(weights_only=True) refuses."""
+    from accelerate.utils.other import load as accelerate_load
+
+    for path in sorted(ckpt.glob("*.bin")) + sorted(ckpt.glob("*.pt")):
+        try:
+            accelerate_load(path, map_location="cpu")
+        except pickle.UnpicklingError:
+            return path
+        except Exception:
+            continue
+    return None
+
+
 def load(acc, ckpt: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """Restore models/optimizers/scaler/RNG via Accelerate; return (trainer state, tensor files).
-    Everything is read with safetensors or `weights_only=True`: nothing in a checkpoint runs."""
+
+    Everything is read with safetensors or `weights_only=True`: nothing in a checkpoint runs.
+    Accelerate unpickles `custom_checkpoint_*.pkl` with `weights_only=False` (for objects
+    registered with `register_for_checkpointing`): we register none and refuse a checkpoint that
+    holds such a file, unopened. Call on all ranks: each rank loads, then they agree, so all of
+    them fail together (one-line CheckpointError) or all go on.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     state = read_state(ckpt)
-    try:
-        acc.load_state(str(ckpt))
-        tensors = {
-            name: load_file(str(ckpt / f"{name}.safetensors"))
-            for name in state.get("tensor_files", [])
-        }
-    except (OSError, RuntimeError, KeyError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{ckpt}: cannot load checkpoint: {first}") from None
+    if getattr(acc, "_custom_objects", None):
+        raise CheckpointError(
+            f"{ckpt}: refusing to resume: objects registered with accelerator."
+            "register_for_checkpointing are unpickled with weights_only=False (code could run)"
+        )
+    custom = sorted(p.name for p in ckpt.glob("custom_checkpoint_*.pkl"))
+    if custom:  # never written by this trainer: refused before accelerate looks at them
+        raise CheckpointError(
+            f"{ckpt / custom[0]}: refused: this trainer writes no custom_checkpoint_*.pkl, and "
+            "accelerate would unpickle it with weights_only=False (code could run); remove it"
+        )
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    problem = _check_rng_file(acc, ckpt)
+    if problem is None:
+        try:
+            acc.load_state(str(ckpt))
+            tensors = {
+                name: load_file(str(ckpt / f"{name}.safetensors"))
+                for name in state.get("tensor_files", [])
+            }
+        except (*_LOAD_ERRORS, SafetensorError) as exc:
+            if isinstance(exc, pickle.UnpicklingError):
+                bad = _unpicklable_file(ckpt)
+                where = bad if bad is not None else ckpt
+                problem = f"{where}: {_REFUSED}"
+            else:
+                problem = f"{ckpt}: cannot load checkpoint: {_first_line(exc)}"
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        problems = [p for p in gather_object([problem]) if p is not None]
+        problem = problems[0] if problems else None
+    if problem is not None:
+        raise CheckpointError(problem)
     return state, tensors
 
 
