@@ -56,6 +56,7 @@ import io
 import itertools
 import json
 import math
+import multiprocessing
 import random
 import signal
 import tarfile
@@ -351,7 +352,10 @@ class ShardStream(IterableDataset):
         self.start_epoch, self.start_batch = start_epoch, start_batch
         self.decode, self.return_keys = decode, return_keys
         self.skip_bad_samples = skip_bad_samples
-        self.bad_samples = 0
+        self.bad_samples = 0  # replaced samples seen by this process
+        # ... and by every process reading this stream (its loader workers included): a shared
+        # counter created here, inherited by the workers, read by the trainer at log time
+        self._bad_total = multiprocessing.Value("q", 0) if skip_bad_samples else None
 
         self.workers_per_rank = max(1, num_workers)  # K
         self.slots = world_size * self.workers_per_rank
@@ -360,6 +364,11 @@ class ShardStream(IterableDataset):
         self.batches_per_epoch: int = self.workers_per_rank * self.batches_per_slot  # per rank
 
     # ---- plan (pure functions of the manifest and the settings) ----
+
+    @property
+    def bad_samples_total(self) -> int:
+        """Samples replaced so far by every process reading this stream (skip_bad_samples)."""
+        return int(self._bad_total.value) if self._bad_total is not None else 0
 
     def layout(self) -> dict:
         """What the stream's content depends on; store it with a checkpoint, compare on resume."""
@@ -463,6 +472,9 @@ class ShardStream(IterableDataset):
                         bad.append(i)
             if bad:
                 self.bad_samples += len(bad)
+                if self._bad_total is not None:
+                    with self._bad_total.get_lock():
+                        self._bad_total.value += len(bad)
                 good = [i for i in range(B) if i not in bad]
                 if not good:
                     raise DataError(f"{raws[0].shard}: a whole batch of samples is undecodable")

@@ -384,6 +384,9 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
             "lr_d": opt_d.param_groups[0]["lr"],
             "images_per_s": (images_seen - last_log_images) / max(now - last_log_t, 1e-9),
         }
+        if cfg.skip_bad_samples and cfg.data_cache != "device":
+            bad = torch.tensor([float(data.bad_samples_total)], device=device)
+            row["bad_samples"] = int(dist.reduce_sum(acc, bad).item())  # all ranks, cumulative
         last_log_t, last_log_images = now, images_seen
         return row
 

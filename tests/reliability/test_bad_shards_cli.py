@@ -51,3 +51,18 @@ def test_bad_shard_is_one_line_error_naming_it(tmp_path, damage):
     assert str(tar) in line, line
     if damage is _undecodable_image:
         assert "cannot be decoded" in line, line
+
+
+def test_skip_bad_samples_counts_and_logs_them(tmp_path):
+    import json
+
+    shards = write_tiny_shards(tmp_path / "shards", n=32, size=16, per_shard=32)
+    [tar] = shards.glob("*.tar")
+    _undecodable_image(tar)
+    args = ["--data", str(shards), "--out", str(tmp_path / "run"), *TINY,
+            "--max-steps", "4", "--wandb-mode", "disabled", "--skip-bad-samples"]  # fmt: skip
+    proc = run(train_cmd(*args), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["bad_samples"] >= 1  # the damaged image was replaced, counted and logged
+    assert "cannot be decoded" in proc.stderr and str(tar) in proc.stderr
