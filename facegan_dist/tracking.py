@@ -128,6 +128,11 @@ class RunLogger:
             if self.main and self.mode != "disabled":
                 run = acc.get_tracker("wandb", unwrap=True)
                 self.wandb_dir = Path(run.dir).parent if getattr(run, "dir", None) else None
+                # Charts use OUR step as x axis, not W&B's internal `_step` counter: after a
+                # rollback (or a resume) the same steps are logged again, and W&B drops rows
+                # whose explicit `step=` is below its current one.
+                run.define_metric("step")
+                run.define_metric("*", step_metric="step")
             if self.main and warning is not None:
                 if self.mode == "offline":
                     warning += (
@@ -174,7 +179,7 @@ class RunLogger:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        self._wandb(lambda: self.acc.log({k: v for k, v in row.items() if k != "step"}, step=step))
+        self._wandb(lambda: self.acc.log({**row, "step": step}))
 
     def image(self, key: str, grid: Tensor, step: int, png: Path) -> None:
         """A [3, H, W] uint8 grid to `png` and to W&B under `key`."""
@@ -186,7 +191,7 @@ class RunLogger:
             import wandb
 
             arr = grid.permute(1, 2, 0).contiguous().numpy()
-            self.acc.log({key: wandb.Image(arr, caption=f"step {step}")}, step=step)
+            self.acc.log({key: wandb.Image(arr, caption=f"step {step}"), "step": step})
 
         self._wandb(log_image)
 

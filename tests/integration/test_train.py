@@ -186,13 +186,13 @@ def test_wandb_offline_run_holds_scalars_and_images(shards16, tmp_path):
         assert time.time() < deadline, f"{wandb_file} never got the logged rows"
         time.sleep(0.5)
     scalars = [h for h in history if "loss_d" in h]
-    assert [h["_step"] for h in scalars] == [r["step"] for r in local]
+    assert [h["step"] for h in scalars] == [r["step"] for r in local]  # our step is the x axis
     for h, r in zip(scalars, local, strict=True):
         for k in ("loss_d", "loss_g", "d_real", "d_fake", "images_seen", "epoch", "lr_g"):
             assert h[k] == pytest.approx(r[k]), k
     # images are logged as nested keys: samples/fixed_noise/{path,width,sha256,...}
     images = [h for h in history if "samples/fixed_noise/path" in h]
-    assert [h["_step"] for h in images] == [10]
+    assert [h["step"] for h in images] == [10]
     assert any("samples/real/path" in h for h in history)
     # the logged PNG is the same picture as the local grid
     from PIL import Image
