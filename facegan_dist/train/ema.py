@@ -27,13 +27,20 @@ class EMA:
 
     @torch.no_grad()
     def update(self, G: nn.Module, batch: int, images_seen: int) -> None:
-        """After a G update: ema <- beta * ema + (1 - beta) * G (no host sync)."""
+        """After a G update: ema <- beta * ema + (1 - beta) * G (no host sync). The tensor lists
+        are built once per source module, not every step (the optimizer updates in place)."""
+        if getattr(self, "_source", None) is not G:
+            self._source = G
+            self._ema_params = list(self.module.parameters())
+            self._src_params = [p.detach() for p in G.parameters()]
+            self._ema_buffers = list(self.module.buffers())
+            self._src_buffers = list(G.buffers())
+            if len(self._ema_buffers) != len(self._src_buffers):
+                raise ValueError("EMA and source modules have different buffers")
         beta = self.beta(batch, images_seen)
-        ema_p = [p for p in self.module.parameters()]
-        src_p = [p.detach() for p in G.parameters()]
-        torch._foreach_lerp_(ema_p, src_p, 1.0 - beta)
-        for b_ema, b in zip(self.module.buffers(), G.buffers(), strict=True):
-            b_ema.copy_(b)
+        torch._foreach_lerp_(self._ema_params, self._src_params, 1.0 - beta)
+        if self._ema_buffers:
+            torch._foreach_copy_(self._ema_buffers, self._src_buffers)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

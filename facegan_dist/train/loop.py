@@ -201,7 +201,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
     noise = fixed_noise(cfg.n_samples, cfg.z_dim, cfg.seed)
     fixed_c: torch.Tensor | None = None  # conditions of the fixed grid (conditional GAN)
     # The EMA of G (every rank keeps the same copy; not prepared: it never trains).
-    ema = EMA(acc.unwrap_model(G), cfg.ema_kimg, cfg.ema_rampup) if cfg.ema_kimg > 0 else None
+    G_plain = acc.unwrap_model(G)  # the module itself (no DDP wrapper): EMA, grids, exports
+    ema = EMA(G_plain, cfg.ema_kimg, cfg.ema_rampup) if cfg.ema_kimg > 0 else None
 
     gen_meta = generator_meta(
         to_jsonable(cfg), resolution, attribute_names, condition, cfg.resolved_d_norm
@@ -212,7 +213,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         "resolution": resolution,
         "batches_per_epoch": bpe,
         "total_steps": total_steps,
-        "params_g": count_params(acc.unwrap_model(G)),
+        "params_g": count_params(G_plain),
         "params_d": count_params(acc.unwrap_model(D)),
         "data_layout": data.layout(),
         "fast": fast,
@@ -410,7 +411,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         return tensors
 
     def sample_grid() -> Path:
-        G_eval = ema.module if ema is not None else acc.unwrap_model(G)
+        G_eval = ema.module if ema is not None else G_plain
         was_training = G_eval.training
         G_eval.eval()
         with torch.no_grad():
@@ -453,7 +454,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         G to RUN/best/ when the FID is the best so far."""
         from facegan_dist.metrics import evaluate_generator
 
-        G_eval = ema.module if ema is not None else acc.unwrap_model(G)
+        G_eval = ema.module if ema is not None else G_plain
         res = evaluate_generator(
             G_eval, cfg.data, n=cfg.eval_n, features=cfg.eval_features,
             split="train" if cfg.split == "all" else cfg.split, batch=max(bpd, 50),
@@ -465,7 +466,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
             best.clear()
             best.update(step=step, fid=res["fid"], kid=res["kid"], features=cfg.eval_features)
             if acc.is_main_process:
-                export_generator(acc.unwrap_model(G), gen_meta, run_dir / "best",
+                export_generator(G_plain, gen_meta, run_dir / "best",
                                  ema=ema.module if ema is not None else None)  # fmt: skip
                 atomic_write_text(run_dir / "best" / "best.json", json.dumps(best, indent=2))
             row["best"] = True
@@ -480,7 +481,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
             # ---- one step: d_steps D updates (on one step in d_every), then one G update ----
             consumed = gan_step(step, next_real)
             if ema is not None:
-                ema.update(acc.unwrap_model(G), cfg.batch, (step + 1) * cfg.batch)
+                ema.update(G_plain, cfg.batch, (step + 1) * cfg.batch)
             batches_seen += consumed
             images_seen += consumed * cfg.batch
             step += 1
