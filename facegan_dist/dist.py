@@ -71,6 +71,19 @@ def build_accelerator(precision: str, log_with: str | None = None, project_dir: 
     return acc
 
 
+def error_line(exc: Exception) -> str | None:
+    """The `error: ...` line this process prints for a FaceganError, or None to stay silent.
+
+    A ConfigError comes from validating the same config and world on every rank, so only rank 0
+    prints it (one line, not one per process). Any other error may be this rank's alone (a bad
+    shard in its share, its disk), so every rank prints it, ranks > 0 with their rank."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    msg = " ".join(str(exc).split()) or exc.__class__.__name__
+    if rank == 0:
+        return f"error: {msg}"
+    return None if isinstance(exc, ConfigError) else f"error: [rank {rank}] {msg}"
+
+
 def batch_per_device(global_batch: int, world_size: int) -> int:
     if global_batch % world_size:
         raise ConfigError(

@@ -2,7 +2,8 @@
 
 Commands stay thin: parse flags, build one frozen config, call one core function inside
 `errors_to_exit()`. A `FaceganError` from the core becomes a one-line `error: ...` on stderr and
-exit code 1; nothing else is caught, so real bugs keep their traceback.
+exit code 1 (under a multi-process launch, config errors print on rank 0 only, see
+`dist.error_line`); nothing else is caught, so real bugs keep their traceback.
 """
 
 from __future__ import annotations
@@ -50,8 +51,11 @@ def errors_to_exit() -> Iterator[None]:
     try:
         yield
     except FaceganError as exc:
-        msg = " ".join(str(exc).split()) or exc.__class__.__name__
-        print(f"error: {msg}", file=sys.stderr)
+        from facegan_dist.dist import error_line
+
+        line = error_line(exc)  # one line per failure, not one per process
+        if line:
+            print(line, file=sys.stderr)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

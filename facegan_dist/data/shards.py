@@ -751,6 +751,11 @@ def verify_shards(out: Path | str) -> VerifyReport:
     manifest = _read_json(path)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
         raise DataError(f"{path} is not a valid shard manifest")
+    from facegan_dist.data.stream import unsafe_shard_names
+
+    unsafe = unsafe_shard_names(manifest)
+    if unsafe:
+        raise DataError(f"{path} names a shard outside its folder: {unsafe[0]!r} (refused)")
     problems: list[tuple[str, str]] = []
     names: set[str] = set()
     n_shards = n_samples = 0

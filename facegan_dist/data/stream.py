@@ -107,7 +107,25 @@ def read_manifest(shard_dir: Path) -> dict:
     size = settings.get("size") if isinstance(settings, dict) else None
     if not isinstance(size, int) or size < 1:
         raise DataError(f"{path} has no valid settings.size (got {size!r})")
+    bad = unsafe_shard_names(manifest)
+    if bad:
+        raise DataError(f"{path} names a shard outside its folder: {bad[0]!r} (refused)")
     return manifest
+
+
+def unsafe_shard_names(manifest: dict) -> list[str]:
+    """Shard names that are not plain file names in the shard folder ('../x.tar', '/abs.tar',
+    'sub/x.tar'): a tampered manifest must not make the reader open files elsewhere."""
+    bad = []
+    for entry in manifest.get("splits", {}).values():
+        shards = entry.get("shards", []) if isinstance(entry, dict) else []
+        for shard in shards if isinstance(shards, list) else []:
+            name = shard.get("name") if isinstance(shard, dict) else None
+            if not isinstance(name, str):
+                continue  # malformed entries are reported by the caller that reads them
+            if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+                bad.append(name)
+    return bad
 
 
 @dataclass(frozen=True)

@@ -228,3 +228,31 @@ def test_shard_member_names_cannot_write_outside(tmp_path):
     assert _tree(tmp_path) == before  # nothing appeared, inside or outside the shard folder
     assert not absolute.parent.exists()
     assert not list(tmp_path.parent.glob("escaped*")) and not (REPO / "escaped.png").exists()
+
+
+@pytest.mark.parametrize("name", ["../outside.tar", "/tmp/outside.tar", "sub/train-000000.tar"])
+def test_manifest_shard_names_cannot_point_outside(tmp_path, name):
+    """A tampered manifest naming a shard outside its folder is refused before anything is opened,
+    by the training reader, by `verify` and by `train`, with one line naming the manifest."""
+    from facegan_dist.data.stream import ShardStream
+    from facegan_dist.errors import DataError
+
+    shards = write_tiny_shards(tmp_path / "shards", n=32, size=16)
+    shutil.copy(shards / "train-000000.tar", tmp_path / "outside.tar")  # a valid tar out there
+    manifest_path = shards / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["splits"]["train"]["shards"][0]["name"] = name
+    manifest_path.write_text(json.dumps(manifest))
+    before = manifest_path.read_bytes()
+
+    with pytest.raises(DataError, match="outside its folder"):
+        ShardStream(shards, split="train", batch_per_device=2, num_workers=0)
+    for args in (["verify", str(shards)],
+                 ["train", "--data", str(shards), "--out", str(tmp_path / "run"), *TINY,
+                  "--num-workers", "0", "--max-steps", "1", "--wandb-mode", "disabled"]):  # fmt: skip
+        result = cli(*args)
+        assert result.exit_code != 0
+        lines = error_lines(result.output)
+        assert len(lines) == 1 and "outside its folder" in lines[0] and name in lines[0], lines
+    assert manifest_path.read_bytes() == before
+    assert not (tmp_path / "run" / "checkpoints").exists()
