@@ -247,9 +247,9 @@ def test_manifest_shard_names_cannot_point_outside(tmp_path, name):
 
     with pytest.raises(DataError, match="outside its folder"):
         ShardStream(shards, split="train", batch_per_device=2, num_workers=0)
-    for args in (["verify", str(shards)],
-                 ["train", "--data", str(shards), "--out", str(tmp_path / "run"), *TINY,
-                  "--num-workers", "0", "--max-steps", "1", "--wandb-mode", "disabled"]):  # fmt: skip
+    train = ["train", "--data", str(shards), "--out", str(tmp_path / "run"), *TINY,
+             "--num-workers", "0", "--max-steps", "1", "--wandb-mode", "disabled"]  # fmt: skip
+    for args in (["verify", str(shards)], train):
         result = cli(*args)
         assert result.exit_code != 0
         lines = error_lines(result.output)
