@@ -15,10 +15,12 @@ W&B must never stop a training run (docs/RELIABILITY.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import netrc
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +210,27 @@ class RunLogger:
             self.acc.get_tracker("wandb", unwrap=True).log_artifact(art)
 
         self._wandb(log_artifact)
+
+    @contextlib.contextmanager
+    def finish_on_error(self) -> Iterator[None]:
+        """If the run fails (an error, not a stop signal), close the W&B run as failed (exit code
+        1, the error in its summary) before the error propagates: the offline run is complete
+        for `wandb sync` and shows why it ended, instead of being cut off at process exit."""
+        try:
+            yield
+        except Exception as exc:
+            if self.main and self.mode != "disabled":
+
+                def fail() -> None:
+                    run = self.acc.get_tracker("wandb", unwrap=True)
+                    run.summary["error"] = _one_line(exc)
+                    run.finish(exit_code=1)
+
+                self._wandb(fail)
+                if self.mode != "disabled":  # finished: end_training must not finish it again
+                    self._drop_wandb(service_gone=False)
+                    self.mode = "disabled"
+            raise
 
     def summary(self, values: dict[str, Any]) -> None:
         if not self.main:

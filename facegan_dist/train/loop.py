@@ -475,7 +475,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
 
     stop = _StopFlag()
     progress = make_progress(enabled=acc.is_main_process)
-    with stop, progress:
+    # an error in the loop (divergence, bad data, a failed checkpoint) closes W&B as failed
+    with logger.finish_on_error(), stop, progress:
         task = progress.add_task("train", total=total_steps, completed=step, rate="")
         while step < total_steps:
             # ---- one step: d_steps D updates (on one step in d_every), then one G update ----

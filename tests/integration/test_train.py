@@ -157,8 +157,17 @@ def test_nonfinite_loss_stops_naming_the_step(shards16, tmp_path, monkeypatch):
 
     monkeypatch.setattr(steps, "g_loss", poisoned)
     with pytest.raises(TrainingError, match="non-finite at step 3"):
-        run(shards16, tmp_path / "nan", max_steps=20)
+        run(shards16, tmp_path / "nan", max_steps=20, wandb_mode="offline")
     assert not (tmp_path / "nan" / "checkpoints").exists()  # nothing diverged was checkpointed
+    # the W&B run was closed as failed, with the reason, before the error propagated
+    from tests.helpers.wandb_reader import read_records
+
+    [wandb_file] = list((tmp_path / "nan" / "wandb").glob("offline-run-*/run-*.wandb"))
+    records = read_records(wandb_file)
+    assert [r.exit.exit_code for r in records if r.HasField("exit")] == [1]
+    summary = {i.key: json.loads(i.value_json) for r in records if r.HasField("summary")
+               for i in r.summary.update}  # fmt: skip
+    assert "non-finite at step 3" in summary["error"]
 
 
 def test_wandb_offline_run_holds_scalars_and_images(shards16, tmp_path):
