@@ -220,10 +220,11 @@ class RunLogger:
             yield
         except Exception as exc:
             if self.main and self.mode != "disabled":
+                reason = _one_line(exc)
 
                 def fail() -> None:
                     run = self.acc.get_tracker("wandb", unwrap=True)
-                    run.summary["error"] = _one_line(exc)
+                    run.summary["error"] = reason
                     run.finish(exit_code=1)
 
                 self._wandb(fail)
