@@ -267,8 +267,6 @@ class TrainConfig:
             raise bad("--eval-n", f"{self.eval_n} must be at least 2")
         if self.eval_features not in ("attributes", "inception"):
             raise bad("--eval-features", f"{self.eval_features!r} must be attributes or inception")
-        if self.eval_every and self.condition:
-            raise bad("--eval-every", "is not supported for conditional models (--condition)")
         if self.on_nonfinite not in ("stop", "rollback"):
             raise bad("--on-nonfinite", f"{self.on_nonfinite!r} must be stop or rollback")
         if self.max_rollbacks < 0:

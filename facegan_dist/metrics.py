@@ -355,6 +355,20 @@ def real_stats(
 # ---- generated statistics and the core entry point ----
 
 
+def real_conditions(data_dir: Path, split: str, n: int, attr_idx: list[int]) -> Tensor:
+    """float {0,1} [n, len(attr_idx)]: the attributes `attr_idx` of the first min(n, |split|)
+    real images, cycled to n rows. A conditional G is evaluated on the real label distribution
+    (fake image i gets the labels of real image i), the usual protocol for conditional FID: the
+    score then measures image quality and label coverage together."""
+    from facegan_dist.classifier import iter_split_once
+
+    count = min(n, _split_count(data_dir, split))
+    idx = torch.tensor(attr_idx, dtype=torch.long)
+    rows = [a[:, idx] for _, a, _ in iter_split_once(data_dir, split, 256, limit=count)]
+    c = torch.cat(rows).float()
+    return c.repeat(-(-n // len(c)), 1)[:n]
+
+
 @torch.no_grad()
 def fake_stats(
     G,
@@ -364,21 +378,25 @@ def fake_stats(
     psi: float = 1.0,
     mode: str = "shrink",
     state=None,
+    conds: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(mu, cov, KID features) of G over `seeds`, split over ranks (every rank calls it)."""
+    """(mu, cov, KID features) of G over `seeds`, split over ranks (every rank calls it).
+    conds: [len(seeds), n_cond] conditions of a conditional G, row i for seed i."""
     from facegan_dist import dist
     from facegan_dist.latent import truncated_z
     from facegan_dist.sampling import to_uint8
 
-    mine = dist.split_items(state, seeds)
+    mine = dist.split_items(state, list(range(len(seeds))))  # positions in `seeds`
     device = next(G.parameters()).device
     st = FeatureStats(ext.dim)
     was_training = G.training
     G.eval()
     try:
         for i in range(0, len(mine), batch):
-            z = truncated_z(mine[i : i + batch], G.z_dim, psi, mode).to(device)
-            st.add(ext(to_uint8(G(z))))
+            part = mine[i : i + batch]
+            z = truncated_z([seeds[j] for j in part], G.z_dim, psi, mode).to(device)
+            images = G(z) if conds is None else G(z, conds[part].to(device))
+            st.add(ext(to_uint8(images)))
     finally:
         G.train(was_training)
     return reduce_stats(state, st)
@@ -400,8 +418,11 @@ def evaluate_generator(
     truncation_mode: str = "shrink",
     inception_weights: Path | None = None,
     log: Callable[[str], None] | None = None,
+    condition_idx: list[int] | None = None,
 ) -> dict:
     """FID and KID of G (seeds seed..seed+n-1) against the first n images of `split`.
+    A conditional G gets `condition_idx` (its condition attributes' columns in the shards'
+    attribute table) and draws fake image i with the labels of real image i (`real_conditions`).
 
     Call it on EVERY rank with the same arguments (it uses collectives when `acc`, an
     Accelerator or PartialState, has several processes); pass an unwrapped module (the EMA or
@@ -424,7 +445,10 @@ def evaluate_generator(
     )
     mu_r, cov_r, f_r, n_real = real_stats(ext, data_dir, split, n, batch, device, state, log)
     seeds = list(range(seed, seed + n))
-    mu_g, cov_g, f_g = fake_stats(G, ext, seeds, batch, truncation, truncation_mode, state)
+    conds = real_conditions(data_dir, split, n, condition_idx) if condition_idx else None
+    mu_g, cov_g, f_g = fake_stats(
+        G, ext, seeds, batch, truncation, truncation_mode, state, conds=conds
+    )
     fid = fid_from_stats(mu_g, cov_g, mu_r, cov_r)
     k, k_std = kid(f_g, f_r, kid_subsets)
     return {
@@ -436,6 +460,7 @@ def evaluate_generator(
         "features": features,
         "split": split,
         "kid_subset_size": min(KID_SUBSET_SIZE, f_g.shape[0], f_r.shape[0]),
+        "conditions": "real labels" if condition_idx else None,
     }
 
 
@@ -461,21 +486,39 @@ class EvaluateConfig:
     out: Path | None = None  # default: <run dir>/eval/<features>-<split>-<n>.json
 
 
+def condition_columns(meta: dict, manifest: dict, data_dir: Path) -> list[int] | None:
+    """The columns of a conditional generator's condition attributes in the shards' attribute
+    table (None for an unconditional generator)."""
+    condition = list(meta.get("condition") or [])
+    if not condition:
+        return None
+    names = list(manifest.get("attribute_names") or [])
+    missing = [a for a in condition if a not in names]
+    if missing:
+        raise ConfigError(
+            f"--data {data_dir}: the shards have no {', '.join(missing)} attribute(s), which the "
+            "conditional generator needs as conditions"
+        )
+    return [names.index(a) for a in condition]
+
+
 def evaluate(cfg: EvaluateConfig, state=None, log=None) -> dict:
     """Run `facegan evaluate` (every rank calls it); rank 0 writes the JSON result."""
     from facegan_dist import dist
     from facegan_dist.export import atomic_write_text
-    from facegan_dist.sampling import load_unconditional_generator
+    from facegan_dist.sampling import load_any_generator
 
     if cfg.features not in FEATURES:
         raise ConfigError(f"--features {cfg.features!r} must be one of {', '.join(FEATURES)}")
     if cfg.features == "inception":
         inception_weights_path(cfg.inception_weights)  # fail before loading anything else
     device = state.device if state is not None else "cpu"
-    G, meta, info = load_unconditional_generator(cfg.source, device, ema=cfg.ema)
+    G, meta, info = load_any_generator(cfg.source, device, ema=cfg.ema)
     from facegan_dist.data.stream import read_manifest
 
-    size = read_manifest(cfg.data)["settings"]["size"]
+    manifest = read_manifest(cfg.data)
+    size = manifest["settings"]["size"]
+    condition_idx = condition_columns(meta, manifest, cfg.data)
     if cfg.features == "attributes" and size != meta["resolution"]:
         raise ConfigError(
             f"--data {cfg.data}: shards are {size} px, the generator makes "
@@ -496,6 +539,7 @@ def evaluate(cfg: EvaluateConfig, state=None, log=None) -> dict:
         truncation_mode=cfg.truncation_mode,
         inception_weights=cfg.inception_weights,
         log=log,
+        condition_idx=condition_idx,
     )
     result.update(
         generator={"path": str(info["path"]), "kind": info["kind"], "ema": meta["ema"]},

@@ -230,8 +230,9 @@ def condition_generator(G: torch.nn.Module, meta: dict, attrs: str | None):
 
 
 def load_unconditional_generator(path: Path, device="cpu", ema: bool = True):
-    """load_any_generator for the commands that draw G(z) without a condition (directions,
-    evaluate): a conditional generator is refused with one line."""
+    """load_any_generator for the commands that draw G(z) without a condition (`directions`: on
+    a conditional model the condition itself is the attribute control): a conditional generator
+    is refused with one line."""
     from facegan_dist.errors import ConfigError
 
     G, meta, info = load_any_generator(path, device, ema=ema)

@@ -459,6 +459,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
             G_eval, cfg.data, n=cfg.eval_n, features=cfg.eval_features,
             split="train" if cfg.split == "all" else cfg.split, batch=max(bpd, 50),
             device=device, acc=acc, seed=1_000_000,
+            condition_idx=cond_idx.tolist() if condition else None,
         )  # fmt: skip
         row = {"step": step, "fid": res["fid"], "kid": res["kid"], "kid_std": res["kid_std"],
                "eval_features": cfg.eval_features, "eval_n": cfg.eval_n}  # fmt: skip

@@ -80,3 +80,34 @@ def test_missing_inception_weights_name_the_file_and_where(tmp_path, monkeypatch
     assert INCEPTION_URL in msg
     with pytest.raises(CheckpointError, match="--inception-weights"):
         inception_weights_path(tmp_path / "nope.pth")
+
+
+def test_conditional_fakes_get_the_real_labels_row_by_row(tmp_path):
+    """real_conditions: the condition columns of the first images, cycled to n rows; fake_stats:
+    fake image i is drawn with row i, however the seeds are batched."""
+    from facegan_dist.classifier import iter_split_once
+    from facegan_dist.metrics import Extractor, fake_stats, real_conditions
+    from tests.helpers.shards import write_tiny_shards
+
+    shards = write_tiny_shards(tmp_path / "s", n=20, size=16, per_shard=8)
+    attrs = torch.cat([a for _, a, _ in iter_split_once(shards, "train", 7)]).float()
+    conds = real_conditions(shards, "train", 45, [3, 0])
+    assert conds.shape == (45, 2)
+    assert torch.equal(conds[:20], attrs[:, [3, 0]]) and torch.equal(conds[20:40], conds[:20])
+
+    class LabelPainter(torch.nn.Module):  # image = its condition (c0 in channel 0, c1 in 1)
+        z_dim = 4
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, z, c):
+            img = torch.stack([c[:, 0], c[:, 1], torch.zeros_like(c[:, 0])], 1)
+            return (img * 2 - 1)[:, :, None, None].expand(-1, -1, 2, 2) + 0 * self.w
+
+    ext = Extractor("test", "test", 2, lambda u8: u8[:, :2, 0, 0].float() / 255)
+    for batch in (4, 45):
+        mu, cov, feats = fake_stats(LabelPainter(), ext, list(range(45)), batch, conds=conds)
+        assert torch.equal(feats, conds)  # row i of the features is condition row i
+        assert torch.allclose(mu.float(), conds.mean(0).double().float())
