@@ -139,6 +139,80 @@ def _plain_loop(G, D, opt_g, opt_d, reals, z_dim: int, steps: int, device) -> fl
     return time.perf_counter() - t0
 
 
+class _EagerAcc:
+    """What GANStep asks of an Accelerator, for the eager fp32 reference step: one process,
+    no autocast, no loss scaler, a plain backward."""
+
+    num_processes, process_index, scaler = 1, 0, None
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+
+AGREEMENT_KEYS = ("loss_d", "loss_g", "d_real", "d_fake")
+
+
+def agreement_tolerance(precision: str, fast: dict[str, bool]) -> float:
+    """The largest |loss difference| accepted between the configured step and the eager fp32
+    step after the check's steps. bf16 keeps 8 mantissa bits and fp16 11 (activations, then
+    logits); TF32 rounds matmul/conv inputs to 10; channels_last, fused Adam and compile only
+    reorder float32 sums. tests/unit/test_fast.py holds the CPU values under these bounds."""
+    if precision == "bf16":
+        return 5e-2
+    if precision == "fp16":
+        return 2e-2
+    return 1e-2 if fast["tf32"] else 1e-3
+
+
+def step_agreement(
+    fast_step, G_fast, G0, D0, cfg, batches: list[torch.Tensor], prep, *, precision: str,
+    fast: dict[str, bool], resolution: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Run len(batches) steps twice from the same initial weights (G0, D0: untouched copies)
+    on the same uint8 batches and the same noise: `fast_step` (the configured step: precision,
+    channels_last, TF32, fused Adam, compile) and the eager fp32 step (plain modules and Adam,
+    TF32 off). Returns the largest loss difference and the weight difference relative to how
+    far the reference moved (a ratio, so it does not depend on the learning rate)."""
+    from facegan_dist.train.setup import gan_step_for
+    from facegan_dist.train.steps import to_model_input
+
+    device = fast_step.device
+    for s, b in enumerate(batches):
+        fast_step(s, lambda b=b: (prep(b), None))
+    stats_fast = fast_step.take_stats(lambda t: t)
+    w_fast = [p.detach().float() for p in G_fast.parameters()]
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        G_ref, D_ref = copy.deepcopy(G0).to(device), copy.deepcopy(D0).to(device)
+        opt_g = torch.optim.Adam(G_ref.parameters(), lr=cfg.lr_g, betas=cfg.betas_g)
+        opt_d = torch.optim.Adam(D_ref.parameters(), lr=cfg.lr_d, betas=cfg.betas_d)
+        ref = gan_step_for(_EagerAcc(device), G_ref, D_ref, opt_g, opt_d, cfg,
+                           batch=batches[0].shape[0], resolution=resolution)  # fmt: skip
+        for s, b in enumerate(batches):
+            ref(s, lambda b=b: (to_model_input(b, device), None))
+        stats_ref = ref.take_stats(lambda t: t)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    w_ref = [p.detach().float() for p in G_ref.parameters()]
+    w0 = [p.detach().float().to(device) for p in G0.parameters()]
+    moved = torch.sqrt(sum(((r - i) ** 2).sum() for r, i in zip(w_ref, w0, strict=True)))
+    diff = torch.sqrt(sum(((f - r) ** 2).sum() for f, r in zip(w_fast, w_ref, strict=True)))
+    loss_diff = max(abs(stats_fast[k] - stats_ref[k]) for k in AGREEMENT_KEYS)
+    tolerance = agreement_tolerance(precision, fast)
+    return {
+        "check_steps": len(batches),
+        "check_max_loss_diff": loss_diff,
+        "check_weight_rel_diff": float(diff / moved) if moved > 0 else float("nan"),
+        "check_tolerance": tolerance,
+        "check_ok": loss_diff <= tolerance,
+    }
+
+
 def bench_train(
     preset: str = "tutorial",
     batch: int = 64,
@@ -151,8 +225,11 @@ def bench_train(
     dataset_images: int = CELEBA_IMAGES,
     overrides: dict[str, Any] | None = None,
     data: Path | None = None,
+    check_steps: int = 2,
 ) -> dict[str, Any]:
     """Images/s of our step vs a plain eager loop, same models and synthetic uint8 batches.
+    First, unless check_steps is 0, the configured step is checked against the eager fp32 step
+    on the same inputs (`step_agreement`); those steps also warm it up.
 
     `overrides` are TrainConfig fields (compile, channels_last, tf32, fused_adam, data_cache,
     num_workers, widths...). With `data`, our step is also timed end to end on the real
@@ -199,6 +276,7 @@ def bench_train(
         raise ConfigError("bench train does not support conditional presets (--condition)")
     G, D = build_gan(cfg, resolution)
     G_plain, D_plain = copy.deepcopy(G).to(device), copy.deepcopy(D).to(device)
+    G0, D0 = copy.deepcopy(G), copy.deepcopy(D)  # the initial weights, for the agreement check
     G, D, opt_g, opt_d = memory_format_and_optimizers(G, D, cfg, fast)
     opt_gp = torch.optim.Adam(G_plain.parameters(), lr=cfg.lr_g, betas=cfg.betas_g)
     opt_dp = torch.optim.Adam(D_plain.parameters(), lr=cfg.lr_d, betas=cfg.betas_d)
@@ -240,6 +318,12 @@ def bench_train(
         with plain_autocast:
             return _plain_loop(G_plain, D_plain, opt_gp, opt_dp, reals, cfg.z_dim, n, device)
 
+    check: dict[str, Any] = {"check_ok": None}
+    if check_steps:
+        check = step_agreement(gan_step, acc.unwrap_model(G), G0, D0, cfg,
+                               [reals[i % len(reals)] for i in range(check_steps)], prep,
+                               precision=precision, fast=fast, resolution=resolution)  # fmt: skip
+    del G0, D0
     ours(warmup, 0)
     plain(warmup)
     if real_iter is not None:
@@ -293,6 +377,7 @@ def bench_train(
         "plain_step_ms": 1000 * statistics.median(plain_s) / steps,
         "peak_memory_mb": _peak_memory_mb(device),
         "final_loss_d": stats["loss_d"],
+        **check,
         "projected_epochs": epochs,
         "projected_dataset_images": dataset_images,
         "projected_hours": epochs

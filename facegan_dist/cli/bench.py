@@ -71,6 +71,10 @@ def bench_train_cmd(
     fused_adam: Annotated[
         bool | None, typer.Option("--fused-adam/--no-fused-adam", help="[default: CUDA]")
     ] = None,
+    check_steps: Annotated[
+        int,
+        typer.Option(help="Steps of the agreement check against the eager fp32 step (0 = skip)."),
+    ] = 2,
 ) -> None:
     """Our training step vs a plain eager PyTorch loop (same models), synthetic batches."""
     from facegan_dist.bench import bench_train, to_json_line
@@ -80,13 +84,15 @@ def bench_train_cmd(
         for flag, v in (("--steps", steps), ("--rounds", rounds), ("--batch", batch)):
             if v < 1:
                 raise ConfigError(f"{flag} {v} must be at least 1")
+        if check_steps < 0:
+            raise ConfigError(f"--check-steps {check_steps} must be 0 or more")
         overrides = {k: v for k, v in (("g_width", g_width), ("d_width", d_width)) if v}
         overrides.update(
             compile=compile, channels_last=channels_last, tf32=tf32, fused_adam=fused_adam,
             data_cache=data_cache, num_workers=num_workers,
         )  # fmt: skip
         r = bench_train(preset, batch, resolution, precision, steps, warmup, rounds, epochs,
-                        dataset_images, overrides, data)  # fmt: skip
+                        dataset_images, overrides, data, check_steps)  # fmt: skip
     typer.echo(
         f"{r['arch']} {resolution}px batch {batch} {precision} on {r['device']} "
         f"({r['threads']} threads): ours {r['ours_images_per_s']:,.0f} images/s "
@@ -98,6 +104,14 @@ def bench_train_cmd(
             f"CPU time per step: ours {r['ours_cpu_ms_per_step']:.0f} ms, plain "
             f"{r['plain_cpu_ms_per_step']:.0f} ms -> ratio "
             f"{r['ratio_cpu_time_plain_over_ours']:.2f} (less sensitive to other load)"
+        )
+    if r["check_ok"] is not None:
+        verdict = "ok" if r["check_ok"] else "OUTSIDE TOLERANCE"
+        typer.echo(
+            f"{'' if r['check_ok'] else 'warning: '}agreement with the eager fp32 step over "
+            f"{r['check_steps']} steps: max |loss diff| {r['check_max_loss_diff']:.2e} "
+            f"(tolerance {r['check_tolerance']:.0e}, {verdict}), G weights differ by "
+            f"{r['check_weight_rel_diff']:.2e} of how far they moved"
         )
     if r["ours_end_to_end_images_per_s"]:
         typer.echo(

@@ -58,15 +58,21 @@ def build_step(
     checkpoints, the EMA and exports keep using the plain modules (no `_orig_mod.` keys). A
     penalty needs a double backward through D, which compiled autograd does not support
     (pytorch#91469): then only G is compiled."""
-    from facegan_dist.train.augment import parse_policy
-
     G_step, D_step = G, D
     if fast["compile"]:
         G_step = torch.compile(G)
         if not (cfg.loss == "wgan-gp" or cfg.r1):
             D_step = torch.compile(D)
+    return gan_step_for(acc, G_step, D_step, opt_g, opt_d, cfg, batch=batch,
+                        resolution=resolution)  # fmt: skip
+
+
+def gan_step_for(acc, G, D, opt_g, opt_d, cfg: TrainConfig, *, batch: int, resolution: int):
+    """The GANStep the config describes, over exactly these modules (no compile)."""
+    from facegan_dist.train.augment import parse_policy
+
     return GANStep(
-        acc, G_step, D_step, opt_g, opt_d, loss=cfg.loss, d_every=cfg.d_every,
+        acc, G, D, opt_g, opt_d, loss=cfg.loss, d_every=cfg.d_every,
         d_steps=cfg.d_steps, batch=batch, z_dim=cfg.z_dim, seed=cfg.seed, resolution=resolution,
         augment=parse_policy(cfg.augment), gp_lambda=cfg.gp_lambda, r1_gamma=cfg.r1,
         clip=cfg.clip,

@@ -29,6 +29,10 @@ def test_bench_train_prints_valid_json(tmp_path):
         assert r[k] > 0
     assert r["ratio_ours_over_plain"] == r["ours_images_per_s"] / r["plain_images_per_s"]
     assert r["projected_hours"] > 0 and r["peak_memory_mb"] > 0
+    # the configured step was checked against the eager fp32 step on the same inputs
+    assert r["check_steps"] == 2 and r["check_ok"] is True
+    assert 0 <= r["check_max_loss_diff"] <= r["check_tolerance"]
+    assert "agreement with the eager fp32 step over 2 steps" in res.stdout
 
 
 def test_bench_data_prints_valid_json():

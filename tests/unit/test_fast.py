@@ -75,3 +75,47 @@ def test_compiled_step_matches_eager(reference):
     for k in ("loss_d", "loss_g"):
         assert stats[k] == pytest.approx(stats_ref[k], abs=1e-4), k
     close(w_ref, w, rel=1e-2)
+
+
+def _agreement(precision: str, lr_factor: float = 1.0):
+    """`facegan bench train`'s agreement check on a tiny DCGAN; lr_factor != 1 breaks the
+    configured step on purpose (its optimizers get other learning rates)."""
+    import copy
+
+    from facegan_dist.bench import step_agreement
+    from facegan_dist.config import merge_train_config
+    from facegan_dist.train.setup import (
+        build_gan,
+        build_step,
+        memory_format_and_optimizers,
+        model_input,
+    )
+
+    reset_accelerate()
+    cfg = merge_train_config("demo", None, {"data": "x", "g_width": 8, "d_width": 8}).validate()
+    acc = dist.build_accelerator(precision)
+    fast = cfg.fast_settings("cpu")
+    torch.manual_seed(0)
+    G, D = build_gan(cfg, 16)
+    G0, D0 = copy.deepcopy(G), copy.deepcopy(D)
+    G, D, opt_g, opt_d = memory_format_and_optimizers(G, D, cfg, fast)
+    for opt in (opt_g, opt_d):
+        opt.param_groups[0]["lr"] *= lr_factor
+    G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
+    step = build_step(acc, G, D, opt_g, opt_d, cfg, fast, batch=8, resolution=16)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=gen)
+               for _ in range(3)]  # fmt: skip
+    return step_agreement(step, acc.unwrap_model(G), G0, D0, cfg, batches,
+                          lambda b: model_input(b, acc.device, fast), precision=precision,
+                          fast=fast, resolution=16)  # fmt: skip
+
+
+def test_bench_agreement_check_passes_fast_paths_and_catches_a_wrong_step():
+    same = _agreement("no")  # on CPU the configured fp32 step IS the eager step
+    assert same["check_ok"] and same["check_max_loss_diff"] == 0.0
+    assert same["check_weight_rel_diff"] == 0.0
+    bf16 = _agreement("bf16")
+    assert bf16["check_ok"] and 0 < bf16["check_max_loss_diff"] <= bf16["check_tolerance"]
+    wrong = _agreement("no", lr_factor=30.0)
+    assert not wrong["check_ok"] and wrong["check_weight_rel_diff"] > 1.0, wrong
