@@ -10,13 +10,14 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-fast demo lint format bench clean
+.PHONY: help setup test test-fast demo lint format bench bench-gpu gpu-wheels clean
 
 help:
 	@echo "make demo   synth -> shard -> verify -> train -> sample grid (CPU, a few minutes)"
 	@echo "make test   the full CPU test suite (what CI runs)"
 	@echo "make lint   ruff check + format check"
 	@echo "make bench  data and training benchmarks (prints images/s and JSON lines)"
+	@echo "make bench-gpu  every GPU measurement of docs/PERFORMANCE.md (scripts/gpu_bench.sh)"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +48,18 @@ format: setup
 bench: setup
 	$(PY) -m facegan_dist bench data
 	$(PY) -m facegan_dist bench train --preset demo --steps 30
+
+# On a GPU machine (python3 there has torch, accelerate, typer): see scripts/gpu_bench.sh.
+bench-gpu:
+	PY=$(PYTHON) bash scripts/gpu_bench.sh
+
+# The wheels the lent GPU machine lacks (no registry there), for Python 3.12 x86-64, into .whl/
+# (git-ignored); the device tool carries them with carry=[".whl"].
+gpu-wheels: setup
+	rm -rf .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux2014_x86_64 --platform any -d .whl \
+	  webdataset==1.0.2 braceexpand==0.1.7
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache build *.egg-info

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from facegan_dist.train.steps import PlainBackward
+
 CELEBA_IMAGES = 202_599
 PAPER_EPOCHS = 400
 
@@ -139,17 +141,14 @@ def _plain_loop(G, D, opt_g, opt_d, reals, z_dim: int, steps: int, device) -> fl
     return time.perf_counter() - t0
 
 
-class _EagerAcc:
+class _EagerAcc(PlainBackward):
     """What GANStep asks of an Accelerator, for the eager fp32 reference step: one process,
     no autocast, no loss scaler, a plain backward."""
 
-    num_processes, process_index, scaler = 1, 0, None
+    num_processes, process_index = 1, 0
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
 
 
 AGREEMENT_KEYS = ("loss_d", "loss_g", "d_real", "d_fake")

@@ -116,6 +116,38 @@ def g_step(
     return stats
 
 
+class PlainBackward:
+    """What d_step / g_step ask of an Accelerator (`backward`, `scaler`), done directly.
+
+    Used by GANStep when Accelerate's wrappers would do exactly this (see `needs_accelerate`):
+    `Accelerator.backward` divides the loss by the accumulation steps (one kernel more per
+    backward, with 1 step) and `AcceleratedOptimizer.step` looks for the `lomo_optim` package with
+    importlib (file-system stats) twice per call, and `zero_grad` reads the optimizer's signature:
+    0.3-0.4 ms of host time per training step (measured on CPU, docs/PERFORMANCE.md), where a
+    64 px DCGAN step on a GPU takes a few ms."""
+
+    scaler = None
+
+    @staticmethod
+    def backward(loss: Tensor) -> None:
+        loss.backward()
+
+
+def needs_accelerate(acc) -> bool:
+    """Whether the step must go through Accelerate's backward and optimizer wrappers: fp16 (the
+    GradScaler lives there), gradient accumulation, or an engine that owns the backward
+    (DeepSpeed, Megatron, XLA...). Plain DDP on GPUs or CPUs does its all-reduce in autograd hooks
+    of the wrapped module, so a direct `loss.backward()` keeps it."""
+    from accelerate.utils import DistributedType
+
+    plain_types = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+    return (
+        getattr(acc, "scaler", None) is not None
+        or getattr(acc, "gradient_accumulation_steps", 1) != 1
+        or getattr(acc, "distributed_type", DistributedType.NO) not in plain_types
+    )
+
+
 STAT_KEYS = ("loss_d", "d_real", "d_fake", "loss_g", "d_fake_g", "penalty")
 R1_EVERY = 16  # lazy R1: computed on one D step in 16, scaled by 16 (StyleGAN2)
 
@@ -152,6 +184,11 @@ class GANStep:
         clip: float = 0.01,
     ) -> None:
         self.acc, self.G, self.D, self.opt_g, self.opt_d = acc, G, D, opt_g, opt_d
+        # the hot loop skips Accelerate's wrappers where they would only add host time
+        self.direct = not needs_accelerate(acc)
+        self.bw = PlainBackward() if self.direct else acc
+        self.opt_g_hot = getattr(opt_g, "optimizer", opt_g) if self.direct else opt_g
+        self.opt_d_hot = getattr(opt_d, "optimizer", opt_d) if self.direct else opt_d
         self.loss, self.d_every, self.d_steps = loss, d_every, d_steps
         self.batch, self.z_dim, self.seed = batch, z_dim, seed
         self.resolution, self.augment = resolution, augment
@@ -218,7 +255,7 @@ class GANStep:
                 else:
                     with torch.no_grad():
                         fake_d = self.G(z, c)
-                sd = d_step(self.acc, self.D, self.opt_d, real, fake_d, self.loss, c=c, aug=aug,
+                sd = d_step(self.bw, self.D, self.opt_d_hot, real, fake_d, self.loss, c=c, aug=aug,
                             gp=gp, r1=r1, clip=self.clip)  # fmt: skip
                 self._track(step, 0, [sd["loss_d"], sd["d_real"], sd["d_fake"]])
                 if "penalty" in sd:
@@ -234,7 +271,7 @@ class GANStep:
         else:
             self._seed(step, 0)
             aug = self._draw_aug()
-        sg = g_step(self.acc, self.D, self.opt_g, fake, self.loss, c=self.last_c, aug=aug)
+        sg = g_step(self.bw, self.D, self.opt_g_hot, fake, self.loss, c=self.last_c, aug=aug)
         self._track(step, 3, [sg["loss_g"], sg["d_fake_g"]])
         self.n_g += 1
         return consumed

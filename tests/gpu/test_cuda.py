@@ -48,3 +48,14 @@ def test_cuda_training_variants(shards, tmp_path, flags):
     ckpt = tmp_path / "r" / "checkpoints" / "step-000000010"
     if cfg.precision == "fp16":  # the shared GradScaler is checkpointed
         assert (ckpt / "scaler.pt").is_file()
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_fast_step_agrees_with_eager_fp32(precision, compile):
+    """The CUDA step (channels_last, TF32, fused Adam, autocast, compile) against the eager
+    fp32 step on the same inputs, within `bench.agreement_tolerance`."""
+    from tests.unit.test_fast import agreement
+
+    r = agreement(precision, compile=compile)
+    assert r["check_ok"], r

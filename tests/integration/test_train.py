@@ -163,7 +163,12 @@ def test_nonfinite_loss_stops_naming_the_step(shards16, tmp_path, monkeypatch):
     from tests.helpers.wandb_reader import read_records
 
     [wandb_file] = list((tmp_path / "nan" / "wandb").glob("offline-run-*/run-*.wandb"))
-    records = read_records(wandb_file)
+    deadline = time.monotonic() + 20  # W&B's service process writes the file asynchronously
+    while True:
+        records = read_records(wandb_file)
+        if any(r.HasField("exit") for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert [r.exit.exit_code for r in records if r.HasField("exit")] == [1]
     summary = {i.key: json.loads(i.value_json) for r in records if r.HasField("summary")
                for i in r.summary.update}  # fmt: skip

@@ -77,14 +77,16 @@ def test_compiled_step_matches_eager(reference):
     close(w_ref, w, rel=1e-2)
 
 
-def _agreement(precision: str, lr_factor: float = 1.0):
-    """`facegan bench train`'s agreement check on a tiny DCGAN; lr_factor != 1 breaks the
-    configured step on purpose (its optimizers get other learning rates)."""
+def agreement(precision: str, lr_factor: float = 1.0, **overrides):
+    """`facegan bench train`'s agreement check on a tiny DCGAN with the device's fast settings
+    (and `overrides`, e.g. compile=True); lr_factor != 1 breaks the configured step on purpose
+    (its optimizers get other learning rates). Also used by tests/gpu."""
     import copy
 
     from facegan_dist.bench import step_agreement
     from facegan_dist.config import merge_train_config
     from facegan_dist.train.setup import (
+        apply_backend_settings,
         build_gan,
         build_step,
         memory_format_and_optimizers,
@@ -92,9 +94,12 @@ def _agreement(precision: str, lr_factor: float = 1.0):
     )
 
     reset_accelerate()
-    cfg = merge_train_config("demo", None, {"data": "x", "g_width": 8, "d_width": 8}).validate()
+    cfg = merge_train_config(
+        "demo", None, {"data": "x", "g_width": 8, "d_width": 8, **overrides}
+    ).validate()
     acc = dist.build_accelerator(precision)
-    fast = cfg.fast_settings("cpu")
+    fast = cfg.fast_settings(acc.device.type)
+    apply_backend_settings(fast, acc.device.type)
     torch.manual_seed(0)
     G, D = build_gan(cfg, 16)
     G0, D0 = copy.deepcopy(G), copy.deepcopy(D)
@@ -112,10 +117,11 @@ def _agreement(precision: str, lr_factor: float = 1.0):
 
 
 def test_bench_agreement_check_passes_fast_paths_and_catches_a_wrong_step():
-    same = _agreement("no")  # on CPU the configured fp32 step IS the eager step
-    assert same["check_ok"] and same["check_max_loss_diff"] == 0.0
-    assert same["check_weight_rel_diff"] == 0.0
-    bf16 = _agreement("bf16")
+    same = agreement("no")
+    assert same["check_ok"]
+    if not torch.cuda.is_available():  # on CPU the configured fp32 step IS the eager step
+        assert same["check_max_loss_diff"] == 0.0 and same["check_weight_rel_diff"] == 0.0
+    bf16 = agreement("bf16")
     assert bf16["check_ok"] and 0 < bf16["check_max_loss_diff"] <= bf16["check_tolerance"]
-    wrong = _agreement("no", lr_factor=30.0)
+    wrong = agreement("no", lr_factor=30.0)
     assert not wrong["check_ok"] and wrong["check_weight_rel_diff"] > 1.0, wrong
