@@ -33,7 +33,7 @@ WORK=${WORK:-/tmp/facegan-gpu-bench}
 mkdir -p "$OUT" "$WORK"
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1
 
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+if ! "$PY" -c "import webdataset" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
