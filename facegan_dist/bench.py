@@ -266,7 +266,8 @@ def bench_train(
                                     device=device).iterate()  # fmt: skip
         else:
             stream = ShardStream(
-                data, split=cfg.split, batch_per_device=batch, num_workers=cfg.num_workers,
+                data, split=cfg.split, batch_per_device=batch,
+                num_workers=cfg.loader_workers(device.type, dist.cpus_per_process()),
                 shuffle_buffer=cfg.shuffle_buffer,
             )  # fmt: skip
             real_iter = iter(make_loader(stream, pin_memory=device.type == "cuda"))

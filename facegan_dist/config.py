@@ -169,7 +169,7 @@ class TrainConfig:
     tf32: bool | None = None  # TF32 matmuls/convolutions; None = on for CUDA (Ampere+)
     fused_adam: bool | None = None  # the fused Adam kernel; None = on for CUDA
     exact: bool = False  # bit-reproducible path: deterministic, fp32 math, no compile/fusion
-    num_workers: int = 2  # loader worker processes per rank
+    num_workers: int | None = None  # loader processes per rank; None: see loader_workers()
     shuffle_buffer: int = 1000  # samples held by each loader worker's shuffle buffer
     # evaluation during training (FID/KID of the EMA of G; the best one is exported to best/)
     eval_every: int = 0  # steps between evaluations; 0 = never (evaluate later: facegan evaluate)
@@ -277,7 +277,7 @@ class TrainConfig:
             raise bad("--data-cache", f"{self.data_cache!r} must be none or device")
         if self.exact and (self.compile or self.tf32 or self.precision != "no"):
             raise bad("--exact", "excludes --compile, --tf32 and --precision bf16/fp16")
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             raise bad("--num-workers", f"{self.num_workers} must be >= 0")
         if self.shuffle_buffer < 1:
             raise bad("--shuffle-buffer", f"{self.shuffle_buffer} must be at least 1")
@@ -298,6 +298,17 @@ class TrainConfig:
             "compile": self.compile and not self.exact,
             "deterministic": self.deterministic or self.exact,
         }
+
+    def loader_workers(self, device_type: str, cpus_per_process: int) -> int:
+        """--num-workers, or auto: 2 off CUDA (the cores also run the step); on CUDA enough JPEG
+        decoders to feed the GPU, min(8, the process's share of CPUs - 1), at least 2. One
+        worker decodes ~16,000 64 px images/s (docs/PERFORMANCE.md), so 30,000 images/s needs
+        2 or more, plus collation and pinning. `--data-cache device` uses none."""
+        if self.num_workers is not None:
+            return self.num_workers
+        if device_type != "cuda":
+            return 2
+        return max(2, min(8, cpus_per_process - 1))
 
     @property
     def resolved_d_norm(self) -> str:

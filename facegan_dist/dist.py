@@ -131,6 +131,16 @@ def seed_rank(acc, seed: int) -> None:
     set_seed(seed, device_specific=True)
 
 
+def cpus_per_process() -> int:
+    """This process's share of the CPUs it may run on: the machine's processes of this job
+    (LOCAL_WORLD_SIZE, set by torchrun / accelerate launch) split them."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+
+
 def runtime_info(acc, global_batch: int) -> dict[str, Any]:
     """What actually runs: written to run.json and sent to W&B, never into the config."""
     import accelerate

@@ -62,7 +62,10 @@ def bench_train_cmd(
         Path | None, typer.Option(help="Shard folder: also time the real data pipeline.")
     ] = None,
     data_cache: Annotated[str, typer.Option(help="With --data: none (stream) | device.")] = "none",
-    num_workers: Annotated[int, typer.Option(help="With --data: loader workers.")] = 2,
+    num_workers: Annotated[
+        int | None,
+        typer.Option(help="With --data: loader workers. [default: 2; CUDA: up to 8]"),
+    ] = None,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile.")] = False,
     channels_last: Annotated[
         bool | None, typer.Option("--channels-last/--no-channels-last", help="[default: CUDA]")

@@ -247,7 +247,11 @@ def train_cmd(
         ),
     ] = None,
     num_workers: Annotated[
-        int | None, typer.Option(help="Loader workers per process.", rich_help_panel=RUN)
+        int | None,
+        typer.Option(
+            help="Loader workers per process. [default: 2; on CUDA min(8, CPUs per process - 1)]",
+            rich_help_panel=RUN,
+        ),
     ] = None,
     shuffle_buffer: Annotated[
         int | None, typer.Option(help="Shuffle buffer per loader worker.", rich_help_panel=RUN)

@@ -238,6 +238,21 @@ def test_config_merge_order(tmp_path):
     assert cfg.batch == 8  # flag over file
 
 
+def test_loader_workers_auto_and_explicit(tmp_path, monkeypatch):
+    from facegan_dist import dist
+
+    cfg = merge_train_config("tutorial", None, {"data": tmp_path})
+    assert cfg.num_workers is None  # auto
+    assert cfg.loader_workers("cpu", 16) == 2 and cfg.loader_workers("mps", 16) == 2
+    assert cfg.loader_workers("cuda", 16) == 8 and cfg.loader_workers("cuda", 4) == 3
+    assert cfg.loader_workers("cuda", 1) == 2  # never fewer than 2 decoders for a GPU
+    explicit = merge_train_config("tutorial", None, {"data": tmp_path, "num_workers": 0})
+    assert explicit.loader_workers("cuda", 16) == 0
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert dist.cpus_per_process() == 4  # 16 CPUs shared by 4 processes of this machine
+
+
 def poison_g_loss(monkeypatch, bad_calls):
     """Make the G loss NaN on the given (1-based) calls of g_loss."""
     import facegan_dist.train.steps as steps
