@@ -243,6 +243,7 @@ def bench_train(
         apply_backend_settings,
         build_gan,
         build_step,
+        check_device_settings,
         memory_format_and_optimizers,
         model_input,
     )
@@ -250,7 +251,8 @@ def bench_train(
     cfg = merge_train_config(
         preset, None, {"data": data or Path("synthetic"), "batch": batch, **(overrides or {})}
     ).validate()
-    acc = dist.build_accelerator(precision)
+    acc = dist.build_accelerator(precision, autocast_cache=not cfg.cuda_graphs)
+    check_device_settings(cfg, acc)
     device = acc.device
     fast = cfg.fast_settings(device.type)
     apply_backend_settings(fast, device.type)

@@ -165,6 +165,7 @@ class TrainConfig:
     data_cache: str = "none"  # none (stream shards) | device (decode once into device memory)
     hflip: bool = False  # random horizontal flips of real images (on the device)
     compile: bool = False  # torch.compile G and D (D only without gradient penalties)
+    cuda_graphs: bool = False  # capture the whole step as one CUDA graph (one CUDA device)
     channels_last: bool | None = None  # NHWC memory format; None = on for CUDA
     tf32: bool | None = None  # TF32 matmuls/convolutions; None = on for CUDA (Ampere+)
     fused_adam: bool | None = None  # the fused Adam kernel; None = on for CUDA
@@ -275,8 +276,23 @@ class TrainConfig:
             raise bad("--rollback-lr-factor", f"{self.rollback_lr_factor} must be in (0, 1]")
         if self.data_cache not in ("none", "device"):
             raise bad("--data-cache", f"{self.data_cache!r} must be none or device")
-        if self.exact and (self.compile or self.tf32 or self.precision != "no"):
-            raise bad("--exact", "excludes --compile, --tf32 and --precision bf16/fp16")
+        if self.exact and (self.compile or self.cuda_graphs or self.tf32 or self.precision != "no"):
+            raise bad(
+                "--exact", "excludes --compile, --cuda-graphs, --tf32 and --precision bf16/fp16"
+            )
+        if self.cuda_graphs and (
+            self.d_steps != 1 or self.d_every != 1 or self.augment or self.loss == "wgan-gp"
+            or self.r1
+        ):  # fmt: skip
+            raise bad(
+                "--cuda-graphs",
+                "needs one D step per G step (--d-steps 1 --d-every 1) and no --augment, "
+                "wgan-gp or --r1 (their work changes from step to step)",
+            )
+        if self.cuda_graphs and self.compile:
+            raise bad("--cuda-graphs", "and --compile are alternatives: pick one")
+        if self.cuda_graphs and self.precision == "fp16":
+            raise bad("--cuda-graphs", "cannot capture fp16 loss scaling (host-side); use bf16")
         if self.num_workers is not None and self.num_workers < 0:
             raise bad("--num-workers", f"{self.num_workers} must be >= 0")
         if self.shuffle_buffer < 1:
@@ -296,6 +312,7 @@ class TrainConfig:
             "tf32": pick(self.tf32),
             "fused_adam": pick(self.fused_adam),
             "compile": self.compile and not self.exact,
+            "cuda_graphs": self.cuda_graphs and not self.exact,
             "deterministic": self.deterministic or self.exact,
         }
 

@@ -28,10 +28,20 @@ def _torchrun_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def build_accelerator(precision: str, log_with: str | None = None, project_dir: str | None = None):
-    """One Accelerator for the whole process, with our DDP and process-group settings."""
+def build_accelerator(
+    precision: str,
+    log_with: str | None = None,
+    project_dir: str | None = None,
+    autocast_cache: bool = True,
+):
+    """One Accelerator for the whole process, with our DDP and process-group settings.
+    autocast_cache=False: no autocast weight-cast cache (what CUDA-graph capture asks for)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+    from accelerate.utils import (
+        AutocastKwargs,
+        DistributedDataParallelKwargs,
+        InitProcessGroupKwargs,
+    )
 
     cuda = torch.cuda.is_available()
     cpu = (not cuda and _torchrun_world_size() > 1) or os.environ.get("ACCELERATE_USE_CPU") in (
@@ -55,6 +65,7 @@ def build_accelerator(precision: str, log_with: str | None = None, project_dir: 
             # gradient_as_bucket_view: grads live in the all-reduce buckets (one copy fewer).
             DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True),
             InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT),
+            *([] if autocast_cache else [AutocastKwargs(cache_enabled=False)]),
         ],
     )
     # Check the effective settings: some Accelerator arguments are silently ignored.

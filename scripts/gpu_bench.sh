@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every throughput measurement of docs/PERFORMANCE.md in one command, for a session that has a GPU:
 #   synthetic CelebA-layout faces -> 64 px shards -> `facegan bench train` for each optimisation
-#   (with its agreement check against the eager fp32 step) -> a real `facegan train` run on the
-#   device cache -> tests/gpu.
+#   (with its agreement check against the eager fp32 step; fp16 and --cuda-graphs on CUDA only)
+#   -> a real `facegan train` run on the device cache -> tests/gpu.
 # Results land in $OUT (the device tool's folder; default gpu-bench-out/): bench.jsonl (one JSON
 # line per configuration), bench.log, train-metrics.jsonl, gpu-tests.log, summary.txt.
 #
@@ -84,8 +84,10 @@ if [ "$PART" = all ] || [ "$PART" = bench ]; then
   bench bf16 --batch "$BATCH" --precision bf16
   if "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     bench fp16 --batch "$BATCH" --precision fp16
+    bench bf16-cuda-graphs --batch "$BATCH" --precision bf16 --cuda-graphs
+    bench bf16-cuda-graphs-big --batch "$BIG_BATCH" --precision bf16 --cuda-graphs
   else
-    say "## fp16: skipped (no CUDA device: fp16 autocast is GPU-only)"
+    say "## fp16, cuda-graphs: skipped (no CUDA device)"
   fi
   bench bf16-compile --batch "$BATCH" --precision bf16 "${C[@]}"
   bench bf16-compile-big --batch "$BIG_BATCH" --precision bf16 "${C[@]}"

@@ -67,6 +67,9 @@ def bench_train_cmd(
         typer.Option(help="With --data: loader workers. [default: 2; CUDA: up to 8]"),
     ] = None,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile.")] = False,
+    cuda_graphs: Annotated[
+        bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="The step as a CUDA graph.")
+    ] = False,
     channels_last: Annotated[
         bool | None, typer.Option("--channels-last/--no-channels-last", help="[default: CUDA]")
     ] = None,
@@ -91,8 +94,8 @@ def bench_train_cmd(
             raise ConfigError(f"--check-steps {check_steps} must be 0 or more")
         overrides = {k: v for k, v in (("g_width", g_width), ("d_width", d_width)) if v}
         overrides.update(
-            compile=compile, channels_last=channels_last, tf32=tf32, fused_adam=fused_adam,
-            data_cache=data_cache, num_workers=num_workers,
+            compile=compile, cuda_graphs=cuda_graphs, channels_last=channels_last, tf32=tf32,
+            fused_adam=fused_adam, data_cache=data_cache, num_workers=num_workers,
         )  # fmt: skip
         r = bench_train(preset, batch, resolution, precision, steps, warmup, rounds, epochs,
                         dataset_images, overrides, data, check_steps)  # fmt: skip

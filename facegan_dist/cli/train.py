@@ -216,6 +216,15 @@ def train_cmd(
         bool | None,
         typer.Option("--compile/--no-compile", help="torch.compile G and D.", rich_help_panel=RUN),
     ] = None,
+    cuda_graphs: Annotated[
+        bool | None,
+        typer.Option(
+            "--cuda-graphs/--no-cuda-graphs",
+            help="Replay the whole step as one CUDA graph (one CUDA device; one D step per G "
+            "step, no penalty/augmentation; not with --compile or fp16). Experimental.",
+            rich_help_panel=RUN,
+        ),
+    ] = None,
     channels_last: Annotated[
         bool | None,
         typer.Option(
@@ -360,6 +369,7 @@ def train_cmd(
         epochs=epochs, max_steps=max_steps, ema_kimg=ema_kimg, ema_rampup=ema_rampup,
         precision=precision, seed=seed, sync_bn=sync_bn,
         deterministic=deterministic, data_cache=data_cache, hflip=hflip, compile=compile,
+        cuda_graphs=cuda_graphs,
         channels_last=channels_last, tf32=tf32, fused_adam=fused_adam, exact=exact,
         num_workers=num_workers, shuffle_buffer=shuffle_buffer,
         eval_every=eval_every, eval_n=eval_n, eval_features=eval_features,

@@ -35,6 +35,7 @@ from facegan_dist.train.setup import (
     apply_backend_settings,
     build_gan,
     build_step,
+    check_device_settings,
     memory_format_and_optimizers,
     model_input,
 )
@@ -150,12 +151,14 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
 
     wandb_mode = resolve_wandb_mode(cfg.wandb_mode)
     acc = dist.build_accelerator(
-        cfg.precision, log_with="wandb" if wandb_mode != "disabled" else None, project_dir=run_dir
+        cfg.precision,
+        log_with="wandb" if wandb_mode != "disabled" else None,
+        project_dir=run_dir,
+        autocast_cache=not cfg.cuda_graphs,
     )
     world = acc.num_processes
     bpd = dist.batch_per_device(cfg.batch, world)
-    if cfg.sync_bn and acc.device.type != "cuda":
-        raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm does not run on CPU/MPS)")
+    check_device_settings(cfg, acc)
     fast = cfg.fast_settings(acc.device.type)
     apply_backend_settings(fast, acc.device.type)
 

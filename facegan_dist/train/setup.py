@@ -21,6 +21,21 @@ def apply_backend_settings(fast: dict[str, bool], device_type: str) -> None:
     torch.backends.cudnn.allow_tf32 = fast["tf32"]
 
 
+def check_device_settings(cfg: TrainConfig, acc) -> None:
+    """Settings that depend on the devices the Accelerator got (one line each, before any file
+    is written)."""
+    from facegan_dist.errors import ConfigError
+
+    world, kind = acc.num_processes, acc.device.type
+    if cfg.cuda_graphs and (kind != "cuda" or world != 1):
+        raise ConfigError(
+            f"--cuda-graphs needs one process on one CUDA device (here: {world} x {kind}); "
+            "leave it off"
+        )
+    if cfg.sync_bn and kind != "cuda":
+        raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm does not run on CPU/MPS)")
+
+
 def build_gan(cfg: TrainConfig, resolution: int, n_cond: int = 0) -> tuple[nn.Module, nn.Module]:
     """(G, D) as the config describes them (before channels_last / prepare)."""
     from facegan_dist.models import build_models
@@ -45,6 +60,8 @@ def memory_format_and_optimizers(G, D, cfg: TrainConfig, fast: dict[str, bool]):
     if fast["channels_last"]:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     adam = {"fused": True} if fast["fused_adam"] else {}
+    if fast.get("cuda_graphs"):
+        adam["capturable"] = True  # optimizer step counters on the device, so it can be captured
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=cfg.betas_g, **adam)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=cfg.betas_d, **adam)
     return G, D, opt_g, opt_d
@@ -63,11 +80,15 @@ def build_step(
         G_step = torch.compile(G)
         if not (cfg.loss == "wgan-gp" or cfg.r1):
             D_step = torch.compile(D)
+    graphs = fast.get("cuda_graphs", False)
     return gan_step_for(acc, G_step, D_step, opt_g, opt_d, cfg, batch=batch,
-                        resolution=resolution)  # fmt: skip
+                        resolution=resolution, cuda_graphs=graphs)  # fmt: skip
 
 
-def gan_step_for(acc, G, D, opt_g, opt_d, cfg: TrainConfig, *, batch: int, resolution: int):
+def gan_step_for(
+    acc, G, D, opt_g, opt_d, cfg: TrainConfig, *, batch: int, resolution: int,
+    cuda_graphs: bool = False,
+) -> GANStep:  # fmt: skip
     """The GANStep the config describes, over exactly these modules (no compile)."""
     from facegan_dist.train.augment import parse_policy
 
@@ -75,7 +96,7 @@ def gan_step_for(acc, G, D, opt_g, opt_d, cfg: TrainConfig, *, batch: int, resol
         acc, G, D, opt_g, opt_d, loss=cfg.loss, d_every=cfg.d_every,
         d_steps=cfg.d_steps, batch=batch, z_dim=cfg.z_dim, seed=cfg.seed, resolution=resolution,
         augment=parse_policy(cfg.augment), gp_lambda=cfg.gp_lambda, r1_gamma=cfg.r1,
-        clip=cfg.clip,
+        clip=cfg.clip, cuda_graphs=cuda_graphs,
     )  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from facegan_dist.errors import ConfigError
 from facegan_dist.losses import Stats, d_loss, g_loss
 
 
@@ -148,6 +149,7 @@ def needs_accelerate(acc) -> bool:
     )
 
 
+GRAPH_WARMUP = 3  # eager steps before a CUDA graph is captured
 STAT_KEYS = ("loss_d", "d_real", "d_fake", "loss_g", "d_fake_g", "penalty")
 R1_EVERY = 16  # lazy R1: computed on one D step in 16, scaled by 16 (StyleGAN2)
 
@@ -182,6 +184,7 @@ class GANStep:
         gp_lambda: float = 10.0,
         r1_gamma: float = 0.0,
         clip: float = 0.01,
+        cuda_graphs: bool = False,
     ) -> None:
         self.acc, self.G, self.D, self.opt_g, self.opt_d = acc, G, D, opt_g, opt_d
         # the hot loop skips Accelerate's wrappers where they would only add host time
@@ -206,6 +209,25 @@ class GANStep:
         self.n_d = self.n_g = self.n_pen = 0
         self.d_updates = 0  # for lazy R1
         self.last_c: Tensor | None = None
+        # the same work every step: one G forward serves both updates, no augmentation, no
+        # penalty (`_fused`); only this can be captured as a CUDA graph
+        self.simple = self.fused and not augment and not self.gp_lambda and not r1_gamma
+        # CUDA graphs: the fused step is captured once (after GRAPH_WARMUP eager steps) and
+        # replayed; inputs are copied into static buffers (see `_graphed`)
+        self.cuda_graphs = cuda_graphs
+        if cuda_graphs:
+            if not self.simple:
+                raise ConfigError(
+                    "--cuda-graphs needs one D step per G step (--d-steps 1 --d-every 1) and no "
+                    "--augment, wgan-gp or --r1 (their work changes from step to step)"
+                )
+            if self.device.type != "cuda" or acc.num_processes != 1:
+                raise ConfigError("--cuda-graphs needs one process on one CUDA device")
+            if not self.direct:
+                raise ConfigError("--cuda-graphs cannot capture fp16 loss scaling; use bf16")
+        self.graph = None
+        self.static: dict[str, Tensor | None] = {}
+        self.eager_left = GRAPH_WARMUP
 
     def _seed(self, step: int, phase: int) -> None:
         """Phase 0 is the G update, 1..d_steps the D updates."""
@@ -229,14 +251,76 @@ class GANStep:
         eps = torch.rand(self.batch, 1, 1, 1, device=self.device, generator=self.gen)
         return eps[self.rank_slice]
 
-    def _track(self, step: int, offset: int, values: list[Tensor]) -> None:
+    def _track(self, step: int | Tensor, offset: int, values: list[Tensor]) -> None:
+        """Add this update's stats; remember the first step whose loss is not finite. In place
+        (and `step` may be a device tensor) so that a captured CUDA graph updates the same
+        tensors on every replay."""
         self.stats_sum[offset : offset + len(values)] += torch.stack(values)
         bad = ~torch.isfinite(values[0])
-        self.first_bad = torch.where(bad & torch.isinf(self.first_bad), step, self.first_bad)
+        marker = torch.where(bad & torch.isinf(self.first_bad), step, self.first_bad)
+        self.first_bad.copy_(marker)
+
+    def _fused(self, step: int | Tensor, real: Tensor, c: Tensor | None, z: Tensor) -> None:
+        """One D update and one G update from ONE G forward (d_steps = d_every = 1, no
+        augmentation, no penalty): the work a CUDA graph captures."""
+        fake = self.G(z, c)
+        sd = d_step(self.bw, self.D, self.opt_d_hot, real, fake.detach(), self.loss, c=c,
+                    clip=self.clip)  # fmt: skip
+        self._track(step, 0, [sd["loss_d"], sd["d_real"], sd["d_fake"]])
+        sg = g_step(self.bw, self.D, self.opt_g_hot, fake, self.loss, c=c)
+        self._track(step, 3, [sg["loss_g"], sg["d_fake_g"]])
+
+    def _graphed(self, step: int, real: Tensor, c: Tensor | None, z: Tensor) -> None:
+        """The fused step through a CUDA graph. The first GRAPH_WARMUP steps run eagerly on a side
+        stream (cuDNN autotuning, optimizer state, lazy initialisation), the next one captures
+        the step into a graph (the whole-network recipe of the PyTorch CUDA-graphs docs:
+        grads set to None before capture, capturable Adam) and every step replays it after
+        copying its batch, noise and step number into the static input buffers. Host work per
+        step: three copies and one replay instead of hundreds of kernel launches."""
+        if self.eager_left > 0:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._fused(step, real, c, z)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.eager_left -= 1
+        else:
+            if self.graph is None:
+                self.static = {
+                    "real": real.clone(),
+                    "c": None if c is None else c.clone(),
+                    "z": z.clone(),
+                    "step": torch.zeros((), device=self.device),
+                }
+                self.opt_g_hot.zero_grad(set_to_none=True)
+                self.opt_d_hot.zero_grad(set_to_none=True)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    st = self.static
+                    self._fused(st["step"], st["real"], st["c"], st["z"])
+                self.graph = graph
+            self.static["real"].copy_(real, non_blocking=True)
+            if c is not None:
+                self.static["c"].copy_(c, non_blocking=True)
+            self.static["z"].copy_(z)
+            self.static["step"].fill_(step)
+            self.graph.replay()
 
     def __call__(self, step: int, next_real: Callable[[], tuple[Tensor, Tensor | None]]) -> int:
         """Run step `step`; `next_real()` returns (real batch as float in [-1, 1] on the device,
         condition c [B, n_cond] or None). Returns the number of real batches consumed."""
+        if self.simple:  # the common case: the code a CUDA graph captures, graphed or not
+            real, c = next_real()
+            self.last_c = c
+            z = self.draw_z(step, 1)
+            if self.cuda_graphs:
+                self._graphed(step, real, c, z)
+            else:
+                self._fused(step, real, c, z)
+            self.n_d += 1
+            self.n_g += 1
+            self.d_updates += 1
+            return 1
         consumed = 0
         fake = None
         if step % self.d_every == 0:
@@ -277,10 +361,13 @@ class GANStep:
         return consumed
 
     def reset(self) -> None:
-        """Forget the interval's stats and the non-finite marker (after a rollback)."""
+        """Forget the interval's stats and the non-finite marker (after a rollback). A CUDA
+        graph is dropped too: the restored optimizer state lives in new tensors and the learning
+        rates changed, so the next steps warm up and capture again."""
         self.stats_sum.zero_()
         self.first_bad.fill_(float("inf"))
         self.n_d = self.n_g = self.n_pen = 0
+        self.graph, self.static, self.eager_left = None, {}, GRAPH_WARMUP
 
     def take_stats(self, reduce_sum: Callable[[Tensor], Tensor]) -> dict[str, float | None]:
         """Means over the interval and over ranks (a collective via `reduce_sum`); resets."""

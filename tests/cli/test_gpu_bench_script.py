@@ -32,7 +32,7 @@ def test_gpu_bench_script_smoke_on_cpu(tmp_path):
     assert rows[-1]["data_cache"] == "device" and rows[-1]["ours_end_to_end_images_per_s"] > 0
     assert rows[4]["batch"] == 32 and rows[2]["precision"] == "bf16"
     summary = (out / "summary.txt").read_text()
-    assert "fp16: skipped (no CUDA device" in summary and "train: median" in summary
+    assert "fp16, cuda-graphs: skipped (no CUDA device)" in summary and "train: median" in summary
     assert "tests/gpu:" in summary and "FAILED" not in summary
     metrics = [json.loads(x) for x in (out / "train-metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 12

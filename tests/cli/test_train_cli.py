@@ -120,3 +120,22 @@ def test_dry_run_prints_resolved_config_and_writes_nothing(shards, tmp_path):
     assert resolved["batch"] == 32  # file
     assert resolved["lr_d"] == 0.001 and resolved["lr_g"] == 1e-4  # flag beats preset
     assert not (tmp_path / "r").exists()
+
+
+def test_cuda_graphs_refusals_are_one_line_and_write_nothing(shards, tmp_path):
+    """--cuda-graphs: what it cannot capture is refused before any file is written (on this CPU
+    machine the device check is the last line of defence)."""
+    out = tmp_path / "run"
+    cases = [
+        (["--preset", "wgan-gp"], "one D step per G step"),
+        (["--augment", "color"], "no --augment"),
+        (["--compile"], "alternatives"),
+        (["--exact"], "--exact"),
+        ([], "one process on one CUDA device (here: 1 x cpu)"),
+    ]
+    for extra, needle in cases:
+        res = runner.invoke(app, ["train", "--data", str(shards), "--out", str(out),
+                                  "--cuda-graphs", "--max-steps", "2", *extra])  # fmt: skip
+        assert res.exit_code == 1, res.output
+        assert_one_line_error(res.stderr, "--cuda-graphs", needle)
+        assert not out.exists()

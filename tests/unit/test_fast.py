@@ -77,7 +77,7 @@ def test_compiled_step_matches_eager(reference):
     close(w_ref, w, rel=1e-2)
 
 
-def agreement(precision: str, lr_factor: float = 1.0, **overrides):
+def agreement(precision: str, lr_factor: float = 1.0, steps: int = 3, **overrides):
     """`facegan bench train`'s agreement check on a tiny DCGAN with the device's fast settings
     (and `overrides`, e.g. compile=True); lr_factor != 1 breaks the configured step on purpose
     (its optimizers get other learning rates). Also used by tests/gpu."""
@@ -97,7 +97,7 @@ def agreement(precision: str, lr_factor: float = 1.0, **overrides):
     cfg = merge_train_config(
         "demo", None, {"data": "x", "g_width": 8, "d_width": 8, **overrides}
     ).validate()
-    acc = dist.build_accelerator(precision)
+    acc = dist.build_accelerator(precision, autocast_cache=not cfg.cuda_graphs)
     fast = cfg.fast_settings(acc.device.type)
     apply_backend_settings(fast, acc.device.type)
     torch.manual_seed(0)
@@ -110,7 +110,7 @@ def agreement(precision: str, lr_factor: float = 1.0, **overrides):
     step = build_step(acc, G, D, opt_g, opt_d, cfg, fast, batch=8, resolution=16)
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=gen)
-               for _ in range(3)]  # fmt: skip
+               for _ in range(steps)]  # fmt: skip
     return step_agreement(step, acc.unwrap_model(G), G0, D0, cfg, batches,
                           lambda b: model_input(b, acc.device, fast), precision=precision,
                           fast=fast, resolution=16)  # fmt: skip
