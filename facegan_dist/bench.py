@@ -225,8 +225,12 @@ def bench_train(
     overrides: dict[str, Any] | None = None,
     data: Path | None = None,
     check_steps: int = 2,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Images/s of our step vs a plain eager loop, same models and synthetic uint8 batches.
+    Under `accelerate launch` (N processes), `batch` is per process, our step is the DDP step
+    and every process runs the plain loop alone at the same time (no DDP): images/s are summed
+    over processes, so N-process and 1-process runs give the scaling efficiency. Returns the
+    result on the main process, None on the others.
     First, unless check_steps is 0, the configured step is checked against the eager fp32 step
     on the same inputs (`step_agreement`); those steps also warm it up.
 
@@ -254,6 +258,8 @@ def bench_train(
     acc = dist.build_accelerator(precision, autocast_cache=not cfg.cuda_graphs)
     check_device_settings(cfg, acc)
     device = acc.device
+    # under `accelerate launch`, `batch` is per process and the step is the DDP step
+    rank, world = acc.process_index, acc.num_processes
     fast = cfg.fast_settings(device.type)
     apply_backend_settings(fast, device.type)
     real_iter = None
@@ -264,11 +270,11 @@ def bench_train(
         if cfg.data_cache == "device":
             from facegan_dist.data.cache import DeviceCache
 
-            real_iter = DeviceCache(data, split=cfg.split, batch_per_device=batch,
-                                    device=device).iterate()  # fmt: skip
+            real_iter = DeviceCache(data, split=cfg.split, batch_per_device=batch, rank=rank,
+                                    world_size=world, device=device).iterate()  # fmt: skip
         else:
             stream = ShardStream(
-                data, split=cfg.split, batch_per_device=batch,
+                data, split=cfg.split, batch_per_device=batch, rank=rank, world_size=world,
                 num_workers=cfg.loader_workers(device.type, dist.cpus_per_process()),
                 shuffle_buffer=cfg.shuffle_buffer,
             )  # fmt: skip
@@ -288,7 +294,7 @@ def bench_train(
                            generator=gen) for _ in range(4)]  # fmt: skip
     if device.type == "cuda":
         reals = [r.pin_memory() for r in reals]
-    gan_step = build_step(acc, G, D, opt_g, opt_d, cfg, fast, batch=batch,
+    gan_step = build_step(acc, G, D, opt_g, opt_d, cfg, fast, batch=batch * world,
                           resolution=resolution)  # fmt: skip
     counter = {"i": 0}
 
@@ -321,7 +327,9 @@ def bench_train(
             return _plain_loop(G_plain, D_plain, opt_gp, opt_dp, reals, cfg.z_dim, n, device)
 
     check: dict[str, Any] = {"check_ok": None}
-    if check_steps:
+    if check_steps and world > 1:  # the reference is a one-process step: compare on one
+        check["check_skipped"] = f"{world} processes (run the check with one)"
+    elif check_steps:
         check = step_agreement(gan_step, acc.unwrap_model(G), G0, D0, cfg,
                                [reals[i % len(reals)] for i in range(check_steps)], prep,
                                precision=precision, fast=fast, resolution=resolution)  # fmt: skip
@@ -342,15 +350,17 @@ def bench_train(
         if real_iter is not None:
             e2e_s.append(ours(steps, warmup + r * steps, next_data))
     stats = gan_step.take_stats(lambda t: t)
-    images = steps * batch * cfg.d_steps  # real images per round (d_every=1)
+    images = steps * batch * world * cfg.d_steps  # real images per round, all processes
     ours_ips = images / statistics.median(ours_s)
-    plain_ips = steps * batch / statistics.median(plain_s)
+    plain_ips = steps * batch * world / statistics.median(plain_s)  # each process alone
     result = {
         "bench": "train",
         "preset": preset,
         "arch": cfg.arch,
         "resolution": resolution,
-        "batch": batch,
+        "batch": batch * world,
+        "batch_per_device": batch,
+        "world_size": world,
         "precision": precision,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -364,9 +374,7 @@ def bench_train(
         "data": str(data) if data else None,
         "data_cache": cfg.data_cache if data else None,
         "ours_images_per_s": ours_ips,
-        "ours_end_to_end_images_per_s": (
-            steps * batch * cfg.d_steps / statistics.median(e2e_s) if e2e_s else None
-        ),
+        "ours_end_to_end_images_per_s": (images / statistics.median(e2e_s) if e2e_s else None),
         "plain_images_per_s": plain_ips,
         "ratio_ours_over_plain": ours_ips / plain_ips,
         # CPU seconds of this process per step: on a shared CPU machine the wall clock is noisy,
@@ -384,11 +392,12 @@ def bench_train(
         "projected_dataset_images": dataset_images,
         "projected_hours": epochs
         * dataset_images
-        / (steps * batch * cfg.d_steps / statistics.median(e2e_s) if e2e_s else ours_ips)
+        / (images / statistics.median(e2e_s) if e2e_s else ours_ips)
         / 3600,
     }
+    main = acc.is_main_process
     acc.end_training()
-    return result
+    return result if main else None
 
 
 def to_json_line(result: dict[str, Any]) -> str:
