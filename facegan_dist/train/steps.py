@@ -17,7 +17,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from facegan_dist.errors import ConfigError
 from facegan_dist.losses import Stats, d_loss, g_loss
 
 
@@ -215,16 +214,10 @@ class GANStep:
         # CUDA graphs: the fused step is captured once (after GRAPH_WARMUP eager steps) and
         # replayed; inputs are copied into static buffers (see `_graphed`)
         self.cuda_graphs = cuda_graphs
-        if cuda_graphs:
-            if not self.simple:
-                raise ConfigError(
-                    "--cuda-graphs needs one D step per G step (--d-steps 1 --d-every 1) and no "
-                    "--augment, wgan-gp or --r1 (their work changes from step to step)"
-                )
-            if self.device.type != "cuda" or acc.num_processes != 1:
-                raise ConfigError("--cuda-graphs needs one process on one CUDA device")
-            if not self.direct:
-                raise ConfigError("--cuda-graphs cannot capture fp16 loss scaling; use bf16")
+        capturable = self.simple and self.direct and self.device.type == "cuda"
+        if cuda_graphs and not (capturable and acc.num_processes == 1):
+            # TrainConfig.validate and setup.check_device_settings say why, flag by flag
+            raise ValueError("cuda_graphs needs the simple step, no loss scaler, one CUDA device")
         self.graph = None
         self.static: dict[str, Tensor | None] = {}
         self.eager_left = GRAPH_WARMUP
