@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from facegan_dist.train.steps import PlainBackward
+from facegan_dist.train.steps import GRAPH_WARMUP, PlainBackward
 
 CELEBA_IMAGES = 202_599
 PAPER_EPOCHS = 400
@@ -330,6 +330,8 @@ def bench_train(
     if check_steps and world > 1:  # the reference is a one-process step: compare on one
         check["check_skipped"] = f"{world} processes (run the check with one)"
     elif check_steps:
+        if fast["cuda_graphs"]:  # the check must reach the capture and a few replays
+            check_steps = max(check_steps, GRAPH_WARMUP + 3)
         check = step_agreement(gan_step, acc.unwrap_model(G), G0, D0, cfg,
                                [reals[i % len(reals)] for i in range(check_steps)], prep,
                                precision=precision, fast=fast, resolution=resolution)  # fmt: skip
