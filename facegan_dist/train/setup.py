@@ -60,7 +60,7 @@ def memory_format_and_optimizers(G, D, cfg: TrainConfig, fast: dict[str, bool]):
     if fast["channels_last"]:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     adam = {"fused": True} if fast["fused_adam"] else {}
-    if fast.get("cuda_graphs"):
+    if fast["cuda_graphs"]:
         adam["capturable"] = True  # optimizer step counters on the device, so it can be captured
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=cfg.betas_g, **adam)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=cfg.betas_d, **adam)
@@ -80,9 +80,8 @@ def build_step(
         G_step = torch.compile(G)
         if not (cfg.loss == "wgan-gp" or cfg.r1):
             D_step = torch.compile(D)
-    graphs = fast.get("cuda_graphs", False)
     return gan_step_for(acc, G_step, D_step, opt_g, opt_d, cfg, batch=batch,
-                        resolution=resolution, cuda_graphs=graphs)  # fmt: skip
+                        resolution=resolution, cuda_graphs=fast["cuda_graphs"])  # fmt: skip
 
 
 def gan_step_for(
