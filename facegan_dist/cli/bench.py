@@ -73,7 +73,8 @@ def bench_train_cmd(
         bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="The step as a CUDA graph.")
     ] = False,
     channels_last: Annotated[
-        bool | None, typer.Option("--channels-last/--no-channels-last", help="[default: CUDA]")
+        bool | None,
+        typer.Option("--channels-last/--no-channels-last", help="[default: CUDA and CPU]"),
     ] = None,
     tf32: Annotated[bool | None, typer.Option("--tf32/--no-tf32", help="[default: CUDA]")] = None,
     fused_adam: Annotated[

@@ -229,7 +229,7 @@ def train_cmd(
         bool | None,
         typer.Option(
             "--channels-last/--no-channels-last",
-            help="NHWC. [default: on for CUDA]",
+            help="NHWC. [default: on for CUDA and CPU]",
             rich_help_panel=RUN,
         ),
     ] = None,
