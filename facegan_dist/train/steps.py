@@ -12,7 +12,8 @@ tutorial does. That saves one G forward per step compared with regenerating the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -148,6 +149,26 @@ def needs_accelerate(acc) -> bool:
     )
 
 
+def capture_cuda_graph(fn: Callable[[], None]) -> Callable[[], None]:
+    """Record fn's CUDA work once (nothing runs) as a CUDA graph; return its replay."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+@contextlib.contextmanager
+def side_stream(device: torch.device) -> Iterator[None]:
+    """Run the block on a side stream, after the current stream's work and before what follows
+    (the eager warm-up before a capture, as the PyTorch CUDA-graphs docs do it)."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        yield
+    current.wait_stream(side)
+
+
 GRAPH_WARMUP = 3  # eager steps before a CUDA graph is captured
 STAT_KEYS = ("loss_d", "d_real", "d_fake", "loss_g", "d_fake_g", "penalty")
 R1_EVERY = 16  # lazy R1: computed on one D step in 16, scaled by 16 (StyleGAN2)
@@ -218,9 +239,10 @@ class GANStep:
         if cuda_graphs and not (capturable and acc.num_processes == 1):
             # TrainConfig.validate and setup.check_device_settings say why, flag by flag
             raise ValueError("cuda_graphs needs the simple step, no loss scaler, one CUDA device")
-        self.graph = None
+        self.graph: Callable[[], None] | None = None  # replays the captured step
         self.static: dict[str, Tensor | None] = {}
         self.eager_left = GRAPH_WARMUP
+        self.capture, self.warmup_context = capture_cuda_graph, side_stream  # (tests swap them)
 
     def _seed(self, step: int, phase: int) -> None:
         """Phase 0 is the G update, 1..d_steps the D updates."""
@@ -271,33 +293,26 @@ class GANStep:
         copying its batch, noise and step number into the static input buffers. Host work per
         step: three copies and one replay instead of hundreds of kernel launches."""
         if self.eager_left > 0:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+            with self.warmup_context(self.device):
                 self._fused(step, real, c, z)
-            torch.cuda.current_stream(self.device).wait_stream(side)
             self.eager_left -= 1
-        else:
-            if self.graph is None:
-                self.static = {
-                    "real": real.clone(),
-                    "c": None if c is None else c.clone(),
-                    "z": z.clone(),
-                    "step": torch.zeros((), device=self.device),
-                }
-                self.opt_g_hot.zero_grad(set_to_none=True)
-                self.opt_d_hot.zero_grad(set_to_none=True)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    st = self.static
-                    self._fused(st["step"], st["real"], st["c"], st["z"])
-                self.graph = graph
-            self.static["real"].copy_(real, non_blocking=True)
-            if c is not None:
-                self.static["c"].copy_(c, non_blocking=True)
-            self.static["z"].copy_(z)
-            self.static["step"].fill_(step)
-            self.graph.replay()
+            return
+        if self.graph is None:
+            st = self.static = {
+                "real": real.clone(),
+                "c": None if c is None else c.clone(),
+                "z": z.clone(),
+                "step": torch.zeros((), device=self.device),
+            }
+            self.opt_g_hot.zero_grad(set_to_none=True)
+            self.opt_d_hot.zero_grad(set_to_none=True)
+            self.graph = self.capture(lambda: self._fused(st["step"], st["real"], st["c"], st["z"]))
+        self.static["real"].copy_(real, non_blocking=True)
+        if c is not None:
+            self.static["c"].copy_(c, non_blocking=True)
+        self.static["z"].copy_(z)
+        self.static["step"].fill_(step)
+        self.graph()  # replay
 
     def __call__(self, step: int, next_real: Callable[[], tuple[Tensor, Tensor | None]]) -> int:
         """Run step `step`; `next_real()` returns (real batch as float in [-1, 1] on the device,

@@ -126,3 +126,56 @@ def test_bench_agreement_check_passes_fast_paths_and_catches_a_wrong_step():
     assert bf16["check_ok"] and 0 < bf16["check_max_loss_diff"] <= bf16["check_tolerance"]
     wrong = agreement("no", lr_factor=30.0)
     assert not wrong["check_ok"] and wrong["check_weight_rel_diff"] > 1.0, wrong
+
+
+@pytest.mark.parametrize("n_cond", [0, 2])
+def test_cuda_graph_plumbing_replays_the_step_on_fresh_inputs(n_cond):
+    """--cuda-graphs on CPU with the capture simulated (the graph's replay calls the captured
+    function on the static buffers): warm-up, one capture, replays and a re-capture after
+    reset() must give exactly the eager step's stats and weights, so every input (batch,
+    condition, noise, step number) really goes through the static buffers."""
+    import contextlib
+    import copy
+
+    from facegan_dist.train.steps import GRAPH_WARMUP
+
+    reset_accelerate()
+    acc = dist.build_accelerator("no")
+    torch.manual_seed(0)
+    G, D = build_models("dcgan", resolution=16, g_width=8, d_width=8, n_cond=n_cond)
+    runs = {}
+    for graphed in (False, True):
+        g, d = copy.deepcopy(G), copy.deepcopy(D)
+        opt_g = torch.optim.Adam(g.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        opt_d = torch.optim.Adam(d.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        step = GANStep(acc, g, d, opt_g, opt_d, loss="ns", d_every=1, d_steps=1, batch=8,
+                       z_dim=100, seed=0, resolution=16)  # fmt: skip
+        captures = []
+        if graphed:  # what a CUDA graph does, minus CUDA: record now, run on replay
+            step.cuda_graphs = True
+            step.capture = lambda fn, captures=captures: captures.append(fn) or fn
+            step.warmup_context = lambda device: contextlib.nullcontext()
+        gen = torch.Generator().manual_seed(1)
+        stats = []
+        for s in range(14):
+            if s == 8:
+                stats.append(step.take_stats(lambda t: t))
+                step.reset()  # e.g. a rollback: warm up and capture again
+            if s == 12:
+                assert step.n_d == step.n_g == 12 - 8  # replays are counted like eager steps
+                stats.append(step.take_stats(lambda t: t))
+                weights = [p.detach().clone() for p in (*g.parameters(), *d.parameters())]
+            real = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=gen)
+            c = torch.randint(0, 2, (8, n_cond), generator=gen).float() if n_cond else None
+            x = to_model_input(real, acc.device)
+            if s == 13:  # a replayed step diverges: the marker must name it, not the capture's
+                x = x * float("nan")
+            step(s, lambda x=x, c=c: (x, c))
+        assert float(step.first_bad) == 13.0
+        runs[graphed] = stats, weights
+        if graphed:
+            assert len(captures) == 2  # steps GRAPH_WARMUP and 8 + GRAPH_WARMUP
+    assert GRAPH_WARMUP == 3
+    assert runs[True][0] == runs[False][0]
+    for a, b in zip(runs[True][1], runs[False][1], strict=True):
+        assert torch.equal(a, b)
