@@ -20,7 +20,9 @@ app.add_typer(bench_app, name="bench")
 def bench_data_cmd(
     count: Annotated[int, typer.Option(help="Synthetic 178x218 JPEGs to shard.")] = 2000,
     size: Annotated[int, typer.Option(help="Output size in px.")] = 64,
-    workers: Annotated[int | None, typer.Option(help="Shard workers. [default: all cores]")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Shard workers. \\[default: all cores]")
+    ] = None,
     read_seconds: Annotated[float, typer.Option(help="Seconds of reading to time.")] = 5.0,
     fmt: Annotated[str, typer.Option("--format", help="jpg | png | webp.")] = "jpg",
     work_dir: Annotated[Path | None, typer.Option(help="Where to put temp files.")] = None,
@@ -66,7 +68,7 @@ def bench_train_cmd(
     data_cache: Annotated[str, typer.Option(help="With --data: none (stream) | device.")] = "none",
     num_workers: Annotated[
         int | None,
-        typer.Option(help="With --data: loader workers. [default: 2; CUDA: up to 8]"),
+        typer.Option(help="With --data: loader workers. \\[default: 2; CUDA: up to 8]"),
     ] = None,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile.")] = False,
     cuda_graphs: Annotated[
@@ -74,11 +76,11 @@ def bench_train_cmd(
     ] = False,
     channels_last: Annotated[
         bool | None,
-        typer.Option("--channels-last/--no-channels-last", help="[default: CUDA and CPU]"),
+        typer.Option("--channels-last/--no-channels-last", help="\\[default: CUDA and CPU]"),
     ] = None,
-    tf32: Annotated[bool | None, typer.Option("--tf32/--no-tf32", help="[default: CUDA]")] = None,
+    tf32: Annotated[bool | None, typer.Option("--tf32/--no-tf32", help="\\[default: CUDA]")] = None,
     fused_adam: Annotated[
-        bool | None, typer.Option("--fused-adam/--no-fused-adam", help="[default: CUDA]")
+        bool | None, typer.Option("--fused-adam/--no-fused-adam", help="\\[default: CUDA]")
     ] = None,
     check_steps: Annotated[
         int,

@@ -44,7 +44,7 @@ def train_cmd(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option(help="Run folder. [default: runs/<preset>]", rich_help_panel=DATA),
+        typer.Option(help="Run folder. \\[default: runs/<preset>]", rich_help_panel=DATA),
     ] = None,
     split: Annotated[
         str | None, typer.Option(help="Shard split: train|val|test|all.", rich_help_panel=DATA)
@@ -53,7 +53,7 @@ def train_cmd(
         str | None,
         typer.Option(
             help="paper-mlp-relu | paper-mlp-leaky | paper-dcgan | paper-final | tutorial | demo | "
-            "wgan-gp | sngan-hinge | cgan. [default: tutorial]",
+            "wgan-gp | sngan-hinge | cgan. \\[default: tutorial]",
             rich_help_panel=DATA,
         ),
     ] = None,
@@ -71,16 +71,16 @@ def train_cmd(
         typer.Option(help="MLP activation: relu (paper T1) | leaky (T2).", rich_help_panel=MODEL),
     ] = None,
     dropout: Annotated[
-        float | None, typer.Option(help="MLP dropout. [default: 0.3]", rich_help_panel=MODEL)
+        float | None, typer.Option(help="MLP dropout. \\[default: 0.3]", rich_help_panel=MODEL)
     ] = None,
     z_dim: Annotated[
-        int | None, typer.Option(help="Latent size. [default: 100]", rich_help_panel=MODEL)
+        int | None, typer.Option(help="Latent size. \\[default: 100]", rich_help_panel=MODEL)
     ] = None,
     g_width: Annotated[
-        int | None, typer.Option(help="DCGAN G width. [default: 64]", rich_help_panel=MODEL)
+        int | None, typer.Option(help="DCGAN G width. \\[default: 64]", rich_help_panel=MODEL)
     ] = None,
     d_width: Annotated[
-        int | None, typer.Option(help="DCGAN D width. [default: 64]", rich_help_panel=MODEL)
+        int | None, typer.Option(help="DCGAN D width. \\[default: 64]", rich_help_panel=MODEL)
     ] = None,
     upsample: Annotated[
         str | None,
@@ -110,16 +110,16 @@ def train_cmd(
     loss: Annotated[
         str | None,
         typer.Option(
-            help="ns (non-saturating) | minimax (the paper's). [default: ns]", rich_help_panel=OBJ
+            help="ns (non-saturating) | minimax (the paper's). \\[default: ns]", rich_help_panel=OBJ
         ),
     ] = None,
     gp_lambda: Annotated[
         float | None,
-        typer.Option(help="wgan-gp penalty weight. [default: 10]", rich_help_panel=OBJ),
+        typer.Option(help="wgan-gp penalty weight. \\[default: 10]", rich_help_panel=OBJ),
     ] = None,
     clip: Annotated[
         float | None,
-        typer.Option(help="wgan weight clipping. [default: 0.01]", rich_help_panel=OBJ),
+        typer.Option(help="wgan weight clipping. \\[default: 0.01]", rich_help_panel=OBJ),
     ] = None,
     r1: Annotated[
         float | None,
@@ -167,13 +167,13 @@ def train_cmd(
     ema_kimg: Annotated[
         float | None,
         typer.Option(
-            help="EMA of G: half-life in kimg (0 = off). [default: 10]", rich_help_panel=RUN
+            help="EMA of G: half-life in kimg (0 = off). \\[default: 10]", rich_help_panel=RUN
         ),
     ] = None,
     ema_rampup: Annotated[
         float | None,
         typer.Option(
-            help="EMA ramp-up: half-life <= this x images seen. [default: 0.05]",
+            help="EMA ramp-up: half-life <= this x images seen. \\[default: 0.05]",
             rich_help_panel=RUN,
         ),
     ] = None,
@@ -181,7 +181,7 @@ def train_cmd(
         str | None, typer.Option(help="no | bf16 | fp16 (fp16: GPU only).", rich_help_panel=RUN)
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(help="Seed. [default: 0]", rich_help_panel=RUN)
+        int | None, typer.Option(help="Seed. \\[default: 0]", rich_help_panel=RUN)
     ] = None,
     sync_bn: Annotated[
         bool | None,
@@ -229,21 +229,21 @@ def train_cmd(
         bool | None,
         typer.Option(
             "--channels-last/--no-channels-last",
-            help="NHWC. [default: on for CUDA and CPU]",
+            help="NHWC. \\[default: on for CUDA and CPU]",
             rich_help_panel=RUN,
         ),
     ] = None,
     tf32: Annotated[
         bool | None,
         typer.Option(
-            "--tf32/--no-tf32", help="TF32 math. [default: on for CUDA]", rich_help_panel=RUN
+            "--tf32/--no-tf32", help="TF32 math. \\[default: on for CUDA]", rich_help_panel=RUN
         ),
     ] = None,
     fused_adam: Annotated[
         bool | None,
         typer.Option(
             "--fused-adam/--no-fused-adam",
-            help="Fused Adam. [default: on for CUDA]",
+            help="Fused Adam. \\[default: on for CUDA]",
             rich_help_panel=RUN,
         ),
     ] = None,
@@ -258,7 +258,7 @@ def train_cmd(
     num_workers: Annotated[
         int | None,
         typer.Option(
-            help="Loader workers per process. [default: 2; on CUDA min(8, CPUs per process - 1)]",
+            help="Loader workers per process. \\[default: 2; on CUDA min(8, CPUs per process - 1)]",
             rich_help_panel=RUN,
         ),
     ] = None,
@@ -274,29 +274,29 @@ def train_cmd(
     ] = None,
     eval_n: Annotated[
         int | None,
-        typer.Option(help="Images per evaluation. [default: 2000]", rich_help_panel=LOG),
+        typer.Option(help="Images per evaluation. \\[default: 2000]", rich_help_panel=LOG),
     ] = None,
     eval_features: Annotated[
         str | None,
         typer.Option(
-            help="attributes (offline) | inception. [default: attributes]", rich_help_panel=LOG
+            help="attributes (offline) | inception. \\[default: attributes]", rich_help_panel=LOG
         ),
     ] = None,
     on_nonfinite: Annotated[
         str | None,
         typer.Option(
             help="On a NaN/inf loss: stop | rollback (to the last checkpoint, lrs "
-            "lowered). [default: stop]",
+            "lowered). \\[default: stop]",
             rich_help_panel=LOG,
         ),
     ] = None,
     max_rollbacks: Annotated[
         int | None,
-        typer.Option(help="Rollbacks before giving up. [default: 3]", rich_help_panel=LOG),
+        typer.Option(help="Rollbacks before giving up. \\[default: 3]", rich_help_panel=LOG),
     ] = None,
     rollback_lr_factor: Annotated[
         float | None,
-        typer.Option(help="lr multiplier per rollback. [default: 0.5]", rich_help_panel=LOG),
+        typer.Option(help="lr multiplier per rollback. \\[default: 0.5]", rich_help_panel=LOG),
     ] = None,
     skip_bad_samples: Annotated[
         bool | None,
@@ -331,16 +331,16 @@ def train_cmd(
     wandb_mode: Annotated[
         str | None,
         typer.Option(
-            help="online | offline | disabled. [default: offline without an API key]",
+            help="online | offline | disabled. \\[default: offline without an API key]",
             rich_help_panel=LOG,
         ),
     ] = None,
     wandb_project: Annotated[
-        str | None, typer.Option(help="W&B project. [default: facegan]", rich_help_panel=LOG)
+        str | None, typer.Option(help="W&B project. \\[default: facegan]", rich_help_panel=LOG)
     ] = None,
     run_name: Annotated[
         str | None,
-        typer.Option(help="W&B run name. [default: run folder name]", rich_help_panel=LOG),
+        typer.Option(help="W&B run name. \\[default: run folder name]", rich_help_panel=LOG),
     ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the resolved config and exit.")

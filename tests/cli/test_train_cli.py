@@ -139,3 +139,15 @@ def test_cuda_graphs_refusals_are_one_line_and_write_nothing(shards, tmp_path):
         assert res.exit_code == 1, res.output
         assert_one_line_error(res.stderr, "--cuda-graphs", needle)
         assert not out.exists()
+
+
+def test_help_shows_the_defaults_of_auto_flags():
+    """Flags whose default depends on the preset or the device state it in their help; rich
+    markup would swallow a bare `[default: ...]` as a style tag, so it must survive rendering."""
+    res = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    for text in ("[default: 0.3]", "[default: on for CUDA and CPU]", "[default: tutorial]",
+                 "[default: 2000]"):  # fmt: skip
+        assert text in res.stdout, text
+    bench = runner.invoke(app, ["bench", "train", "--help"], env={"COLUMNS": "200"})
+    assert "[default: CUDA and CPU]" in bench.stdout
