@@ -11,11 +11,23 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from facegan_dist import __version__
 from facegan_dist.errors import FaceganError
+
+# The generator a command reads (`sample`, `directions`, `evaluate`): one argument, one help text.
+GeneratorSource = Annotated[
+    Path,
+    typer.Argument(
+        help="Run folder (uses export/, else its newest checkpoint), an export folder or a "
+        "checkpoint folder (RUN/checkpoints/step-...).",
+        show_default=False,
+    ),
+]
 
 app = typer.Typer(
     name="facegan",

@@ -7,20 +7,14 @@ from typing import Annotated
 
 import typer
 
-from facegan_dist.cli.app import app, errors_to_exit
+from facegan_dist.cli.app import GeneratorSource, app, errors_to_exit
 
 CLF = "Attribute classifier"
 
 
 @app.command("directions")
 def directions_cmd(
-    source: Annotated[
-        Path,
-        typer.Argument(
-            help="Run folder, export folder or checkpoint folder (as for `facegan sample`).",
-            show_default=False,
-        ),
-    ],
+    source: GeneratorSource,
     data: Annotated[
         Path,
         typer.Option(

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from facegan_dist.cli.app import app, errors_to_exit
+from facegan_dist.cli.app import GeneratorSource, app, errors_to_exit
 
 SRC = "Generator and output"
 SEEDS = "Seeds, grid and truncation"
@@ -22,14 +22,7 @@ LATENT = "Interpolation, arithmetic and edits"
 
 @app.command("sample")
 def sample_cmd(
-    source: Annotated[
-        Path,
-        typer.Argument(
-            help="Run folder (uses export/, else its newest checkpoint), an export folder or a "
-            "checkpoint folder (RUN/checkpoints/step-...).",
-            show_default=False,
-        ),
-    ],
+    source: GeneratorSource,
     out: Annotated[
         Path, typer.Option("--out", help="Folder for the PNGs.", rich_help_panel=SRC)
     ] = Path("samples"),
