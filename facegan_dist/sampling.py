@@ -182,7 +182,14 @@ def load_any_generator(path: Path, device="cpu", ema: bool = True):
         meta = {**meta, "ema": bool(ema and meta.get("ema", False))}
     else:
         G, meta = _load_checkpoint_generator(folder, device, ema)
-    return G, meta, {"kind": kind, "path": folder, "run_dir": run_dir}
+    info = {"kind": kind, "path": folder, "run_dir": run_dir, "bn_recalibrated": False}
+    if meta["ema"] and "ema_bn_calibration" not in meta and not meta.get("condition"):
+        # Written before the EMA had BatchNorm statistics of its own (they were copied from
+        # the raw G): re-estimate them now, as training does today (models/bn.py).
+        from facegan_dist.models.bn import recalibrate_bn
+
+        info["bn_recalibrated"] = recalibrate_bn(G)
+    return G, meta, info
 
 
 class ConditionedG(torch.nn.Module):

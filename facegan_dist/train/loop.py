@@ -28,6 +28,7 @@ from facegan_dist.config import (
 )
 from facegan_dist.errors import CheckpointError, ConfigError, DataError, TrainingError
 from facegan_dist.export import atomic_write_text, export_generator, generator_meta
+from facegan_dist.models.bn import batchnorms, calibration_settings
 from facegan_dist.sampling import fixed_noise, grid_uint8
 from facegan_dist.train import checkpoint
 from facegan_dist.train.ema import EMA
@@ -210,6 +211,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
     gen_meta = generator_meta(
         to_jsonable(cfg), resolution, attribute_names, condition, cfg.resolved_d_norm
     )
+    if ema is not None and batchnorms(G_plain):  # saved EMAs carry their own BN statistics
+        gen_meta["ema_bn_calibration"] = calibration_settings()
     runtime = {
         **dist.runtime_info(acc, cfg.batch),
         "dataset": {"path": str(cfg.data), "split": cfg.split, "num_samples": data.num_samples},
@@ -405,16 +408,24 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         strip = strip_uint8(generate(G_final, interpolate(a, b, 10, "slerp")))
         logger.image("final/interpolation", strip, step, run_dir / "samples" / "final-interp.png")
 
+    def G_for_use() -> torch.nn.Module:
+        """What grids, evaluation, checkpoints and the export draw with: the EMA with BatchNorm
+        statistics of its own weights (`EMA.ready`), else the unwrapped G."""
+        if ema is None:
+            return G_plain
+        return ema.ready(step, fixed_c if condition else None)
+
     def ckpt_tensors() -> dict[str, dict[str, torch.Tensor]]:
         tensors = {"fixed_noise": {"z": noise}}
         if fixed_c is not None:
             tensors["fixed_noise"]["c"] = fixed_c
         if ema is not None:
+            G_for_use()  # the saved EMA is usable as it is (`facegan sample CKPT`)
             tensors["ema"] = ema.state_dict()
         return tensors
 
     def sample_grid() -> Path:
-        G_eval = ema.module if ema is not None else G_plain
+        G_eval = G_for_use()
         was_training = G_eval.training
         G_eval.eval()
         with torch.no_grad():
@@ -457,7 +468,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         G to RUN/best/ when the FID is the best so far."""
         from facegan_dist.metrics import evaluate_generator
 
-        G_eval = ema.module if ema is not None else G_plain
+        G_eval = G_for_use()
         res = evaluate_generator(
             G_eval, cfg.data, n=cfg.eval_n, features=cfg.eval_features,
             split="train" if cfg.split == "all" else cfg.split, batch=max(bpd, 50),
@@ -471,7 +482,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
             best.update(step=step, fid=res["fid"], kid=res["kid"], features=cfg.eval_features)
             if acc.is_main_process:
                 export_generator(G_plain, gen_meta, run_dir / "best",
-                                 ema=ema.module if ema is not None else None)  # fmt: skip
+                                 ema=G_eval if ema is not None else None)  # fmt: skip
                 atomic_write_text(run_dir / "best" / "best.json", json.dumps(best, indent=2))
             row["best"] = True
         logger.log(row, step)
@@ -536,9 +547,10 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         if acc.is_main_process:
             meta = gen_meta
             G_raw = acc.unwrap_model(G, keep_fp32_wrapper=False)
-            export_generator(G_raw, meta, export_dir, ema=ema.module if ema else None)
+            G_final = G_for_use() if ema is not None else G_raw
+            export_generator(G_raw, meta, export_dir, ema=G_final if ema is not None else None)
             if not condition:
-                final_pictures(ema.module if ema is not None else G_raw)
+                final_pictures(G_final)
             info = {"step": step, "images_seen": images_seen, **best}
             logger.artifact(export_dir, name=f"generator-{run_id}", kind="model", metadata=info)
         acc.wait_for_everyone()

@@ -314,3 +314,51 @@ def test_eval_every_logs_fid_and_keeps_best(shards16, tmp_path):
     assert (tmp_path / "ev" / "samples" / "final-grid.png").is_file()
     assert (tmp_path / "ev" / "samples" / "final-interp.png").is_file()
     assert res.step == 10
+
+
+def test_ema_export_and_checkpoint_carry_bn_statistics_of_the_ema_weights(shards16, tmp_path):
+    """The EMA's BatchNorm statistics are re-estimated from its own weights before it is saved
+    (models/bn.py): the export and the checkpoint hold exactly what a recalibration of their
+    weights gives, and not the raw G's statistics; a seed's image is the same for any batch."""
+    from facegan_dist.export import load_generator
+    from facegan_dist.latent import seed_z
+    from facegan_dist.models.bn import recalibrate_bn
+    from facegan_dist.sampling import CKPT_EMA_NAME, generate, load_any_generator
+
+    run(shards16, tmp_path / "r", max_steps=20, ema_kimg=0.2, ema_rampup=None)
+    r = tmp_path / "r"
+    meta = json.loads((r / "export" / "generator.json").read_text())
+    assert meta["ema"] and meta["ema_bn_calibration"]["images"] > 0
+    G, _ = load_generator(r / "export")
+    saved = {k: v.clone() for k, v in G.state_dict().items()}
+    recalibrate_bn(G)
+    mean_keys = [k for k in saved if k.endswith("running_mean")]
+    assert mean_keys
+    for k in saved:  # float noise only: training ran channels_last, this is NCHW
+        torch.testing.assert_close(saved[k], G.state_dict()[k], rtol=1e-4, atol=1e-6)
+    raw = load_file(str(r / "export" / "generator_raw.safetensors"))
+    assert not torch.allclose(raw[mean_keys[-1]], saved[mean_keys[-1]])
+    ckpt_ema = load_file(str(r / "checkpoints" / "step-000000020" / CKPT_EMA_NAME))
+    for k in mean_keys:
+        assert torch.equal(ckpt_ema[k], saved[k]), k
+    # loading a calibrated export does not touch it again; a seed's image ignores the batch
+    G2, _, info = load_any_generator(r / "export")
+    assert info["bn_recalibrated"] is False
+    z = seed_z(range(7), G2.z_dim)
+    assert torch.equal(generate(G2, z, batch=1), generate(G2, z, batch=7))
+
+
+def test_old_ema_export_without_calibration_is_recalibrated_on_load(shards16, tmp_path):
+    from facegan_dist.models.bn import recalibrate_bn
+    from facegan_dist.sampling import load_any_generator
+
+    run(shards16, tmp_path / "r", max_steps=10)
+    meta_path = tmp_path / "r" / "export" / "generator.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["ema_bn_calibration"]  # as written before the fix: statistics copied from raw G
+    meta_path.write_text(json.dumps(meta))
+    G, _, info = load_any_generator(tmp_path / "r" / "export")
+    assert info["bn_recalibrated"] is True
+    want = {k: v.clone() for k, v in G.state_dict().items()}
+    recalibrate_bn(G)
+    assert all(torch.equal(want[k], v) for k, v in G.state_dict().items())
