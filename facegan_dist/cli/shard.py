@@ -71,6 +71,16 @@ def shard_cmd(
     seed: Annotated[
         int, typer.Option(help="Shuffle (and --limit subset) seed.", rich_help_panel=WHAT)
     ] = 0,
+    labels: Annotated[
+        str,
+        typer.Option(
+            help="Plain image folders only: none (unlabelled) | subfolders (each image's "
+            "first-level subfolder is its class, stored as one-hot attributes named by the "
+            "sorted folder names; an image directly in SRC is an error). CelebA sources carry "
+            "their own 40 attributes.",
+            rich_help_panel=WHAT,
+        ),
+    ] = "none",
     workers: Annotated[
         int | None,
         typer.Option(help="Worker processes (default: all CPUs).", rich_help_panel=HOW),
@@ -110,7 +120,7 @@ def shard_cmd(
             seed=seed,
             strict=strict,
         ).validate()
-        result = write_shards(cfg, progress=progress, log=typer.echo)
+        result = write_shards(cfg, labels=labels, progress=progress, log=typer.echo)
     _print_summary(result)
 
 
@@ -134,6 +144,8 @@ def _print_summary(result) -> None:
             f"{result.images_processed} images in {result.seconds:.1f} s "
             f"({result.images_per_s:,.0f} images/s)"
         )
+    if m["settings"].get("labels"):
+        typer.echo(f"labels: {len(m['attribute_names'])} classes from {m['settings']['labels']}")
     typer.echo(f"output: {result.out} ({m['total']} images, manifest.json)")
 
 

@@ -9,7 +9,9 @@ Shapes (`Source.kind`, the names docs/SHARDS.md uses):
                  `Eval/list_eval_partition.txt`
 - `official-zip` the official layout with the images still in `Img/img_align_celeba.zip`
 - `folder`       any folder of images (recursive; .jpg .jpeg .png .webp .bmp): no attributes,
-                 every image is partition 0 ("train")
+                 every image is partition 0 ("train"). With `labels="subfolders"` each image's
+                 first-level subfolder is its class: `attribute_names` are the sorted class names
+                 and each image's `attrs` the one-hot string over them (`--labels subfolders`).
 
 An extra top-level folder (`archive/img_align_celeba/...`) is tolerated: the annotation files are
 searched for a couple of levels down. Zip members are read in place, never extracted; each worker
@@ -29,12 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from facegan_dist.data.attributes import ATTRIBUTE_NAMES
-from facegan_dist.errors import DataError
+from facegan_dist.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SOURCE_KINDS = ("kaggle-zip", "kaggle-dir", "official-dir", "official-zip", "folder")
 PARTITION_NAMES = {0: "train", 1: "val", 2: "test"}
 SPLIT_PARTITIONS = {"train": 0, "val": 1, "test": 2}
+LABEL_MODES = ("none", "subfolders")  # `--labels`: where a plain folder's class labels come from
 
 _KAGGLE_ATTR = "list_attr_celeba.csv"
 _KAGGLE_PART = "list_eval_partition.csv"
@@ -53,7 +56,8 @@ class Sample:
                image root folder (posix separators)
     file:      the name to show the user (relative to SRC; `x.zip:member` inside a nested zip)
     partition: 0 train, 1 val, 2 test (always 0 for plain folders)
-    attrs:     40 characters `0`/`1` in `Source.attribute_names` order, or None (plain folders)
+    attrs:     one `0`/`1` character per `Source.attribute_names` entry (40 for CelebA, one-hot
+               over the classes for `--labels subfolders`), or None (unlabelled plain folders)
     stamp:     cheap content stamp (zip CRC + size, or file size + mtime) so a resumed run notices
                an image that changed under the same name
     """
@@ -79,8 +83,9 @@ class Source:
     path: Path  # absolute SRC as given (the zip file or the folder)
     kind: str  # one of SOURCE_KINDS
     reader: ReaderRef
-    attribute_names: tuple[str, ...]  # () for plain folders
+    attribute_names: tuple[str, ...]  # () for unlabelled plain folders
     samples: tuple[Sample, ...]  # sorted by key
+    labels: str = "none"  # LABEL_MODES: "subfolders" when the attributes are folder classes
 
     @property
     def is_celeba(self) -> bool:
@@ -118,12 +123,16 @@ class ImageReader:
         self.close()
 
 
-def open_source(path: Path | str) -> Source:
+def open_source(path: Path | str, labels: str = "none") -> Source:
     """Detect the shape of `path` and list its images (with attributes and partition).
 
-    Raises DataError, naming the file, for a missing path, a folder without images, or
-    annotation files whose image ids do not match the images.
+    `labels` (LABEL_MODES) applies to plain folders only: "subfolders" labels each image by its
+    first-level subfolder. Raises ConfigError for a bad `labels` or `labels` on a CelebA source,
+    and DataError, naming the file, for a missing path, a folder without images, an image
+    outside a class subfolder, or annotation files whose image ids do not match the images.
     """
+    if labels not in LABEL_MODES:
+        raise ConfigError(f"--labels {labels!r} must be one of {', '.join(LABEL_MODES)}")
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"source {path} does not exist")
@@ -134,16 +143,28 @@ def open_source(path: Path | str) -> Source:
                 f"source {path} is a file but not a zip archive "
                 "(pass the Kaggle archive.zip, a CelebA folder or a folder of images)"
             )
+        _no_labels(labels, path, "kaggle-zip")
         return _open_kaggle_zip(path)
     if not path.is_dir():
         raise DataError(f"source {path} is neither a folder nor a zip archive")
     root = _find_up_to(path, lambda d: (d / _KAGGLE_ATTR).is_file())
     if root is not None:
+        _no_labels(labels, path, "kaggle-dir")
         return _open_kaggle_dir(path, root)
     root = _find_up_to(path, lambda d: (d / "Anno" / _OFFICIAL_ATTR).is_file())
     if root is not None:
+        _no_labels(labels, path, "official layout")
         return _open_official(path, root)
-    return _open_folder(path)
+    return _open_folder(path, labels)
+
+
+def _no_labels(labels: str, path: Path, kind: str) -> None:
+    """`--labels` is for plain folders: a CelebA source brings its own 40 attributes."""
+    if labels != "none":
+        raise ConfigError(
+            f"--labels {labels}: {path} is a CelebA source ({kind}) with its own 40 attributes; "
+            "--labels applies to plain image folders only"
+        )
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -254,7 +275,7 @@ def _open_official(src: Path, root: Path) -> Source:
     )
 
 
-def _open_folder(src: Path) -> Source:
+def _open_folder(src: Path, labels: str = "none") -> Source:
     found: list[tuple[str, str]] = []  # (relative posix path, stamp)
     for dirpath, dirnames, filenames in os.walk(src):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -269,6 +290,9 @@ def _open_folder(src: Path) -> Source:
         hint = f" (found {', '.join(zips)}: pass the zip itself)" if zips else ""
         raise DataError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) under {src}{hint}")
     found.sort()
+    names, attrs = ((), {})
+    if labels == "subfolders":
+        names, attrs = _subfolder_labels(src, [rel for rel, _ in found])
     # Key = file stem; where two files share a stem (a/x.jpg, b/x.png) use the relative path.
     stems = Counter(_key(PurePosixPath(rel).name) for rel, _ in found)
     samples = []
@@ -276,12 +300,31 @@ def _open_folder(src: Path) -> Source:
         key = _key(PurePosixPath(rel).name)
         if stems[key] > 1:
             key = _key(rel.replace("/", "_"))
-        samples.append(Sample(key, rel, rel, 0, None, stamp))
+        samples.append(Sample(key, rel, rel, 0, attrs.get(rel), stamp))
     dup = [k for k, n in Counter(s.key for s in samples).items() if n > 1]
     if dup:
         raise DataError(f"two images in {src} map to the same key {dup[0]!r}; rename one")
     samples.sort(key=lambda s: s.key)
-    return Source(src, "folder", ReaderRef(str(src), False), (), tuple(samples))
+    return Source(src, "folder", ReaderRef(str(src), False), names, tuple(samples), labels)
+
+
+def _subfolder_labels(src: Path, rels: list[str]) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(sorted class names, {relative path: one-hot `0`/`1` string}): an image's class is the
+    first folder of its path below `src` (`cats/x.png` and `cats/old/y.png` are both `cats`)."""
+    loose = next((rel for rel in rels if "/" not in rel), None)
+    if loose is not None:
+        raise DataError(
+            f"{src / loose}: image directly in {src}, not in a class subfolder "
+            "(--labels subfolders takes each image's first-level folder as its class)"
+        )
+    names = tuple(sorted({rel.split("/", 1)[0] for rel in rels}))
+    index = {name: i for i, name in enumerate(names)}
+    zeros = "0" * len(names)
+    attrs = {}
+    for rel in rels:
+        i = index[rel.split("/", 1)[0]]
+        attrs[rel] = zeros[:i] + "1" + zeros[i + 1 :]
+    return names, attrs
 
 
 def _celeba_source(

@@ -2,7 +2,8 @@
 
 `write_shards(cfg)` crops and resizes every image of a source once, writes one shard set per split
 (`{split}-{index:06d}.tar`) with worker processes, and writes `manifest.json` last and atomically.
-`verify_shards(out)` re-hashes and re-counts what a manifest describes.
+`verify_shards(out)` re-hashes and re-counts what a manifest describes, and checks that every
+sample's `attrs.txt` has one `0`/`1` per manifest `attribute_names` entry (none when it is empty).
 
 Work split: the main process lists the source, plans the shards and sends each worker chunks of
 128 image ids; a worker (which opened the source once, zip included) decodes, crops, resizes,
@@ -88,6 +89,7 @@ _FLAGS = {
     "split": "--split",
     "shard_size": "--shard-size",
     "seed": "--seed",
+    "labels": "--labels",
 }
 
 
@@ -202,7 +204,12 @@ class ShardPlan:
 
 
 def shard_settings(cfg: ShardConfig, source: Source) -> dict[str, Any]:
-    """The manifest `settings` block: everything the shard bytes depend on (crop resolved)."""
+    """The manifest `settings` block: everything the shard bytes depend on (crop resolved).
+
+    `labels` appears only when it is not "none", so unlabelled output (manifest, fingerprint,
+    resume) is byte for byte what it was before `--labels` existed.
+    """
+    labels = {"labels": source.labels} if source.labels != "none" else {}
     return {
         "size": cfg.size,
         "crop": resolve_crop(cfg.crop, source.is_celeba),
@@ -212,6 +219,7 @@ def shard_settings(cfg: ShardConfig, source: Source) -> dict[str, Any]:
         "split": cfg.split,
         "shard_size": cfg.shard_size,
         "seed": cfg.seed,
+        **labels,
     }
 
 
@@ -504,10 +512,17 @@ class ShardResult:
 
 
 def write_shards(
-    cfg: ShardConfig, *, progress: bool = False, log: Callable[[str], None] | None = None
+    cfg: ShardConfig,
+    *,
+    labels: str = "none",
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> ShardResult:
     """Shard `cfg.src` into `cfg.out` (resuming a matching earlier run); return what was done.
 
+    `labels` is `--labels` (celeba.LABEL_MODES): "subfolders" makes a plain folder's first-level
+    subfolders the classes, stored as one-hot attributes. (It belongs in ShardConfig; it is a
+    keyword here until config.py grows the field.)
     Raises ConfigError/DataError (one line, naming the file or flag) for bad input, an unwritable
     output, or an output written with different settings (refused before touching it).
     """
@@ -517,7 +532,7 @@ def write_shards(
 
     cfg.validate()
     say = log or (lambda _msg: None)
-    source = open_source(cfg.src)
+    source = open_source(cfg.src, labels)
     settings = shard_settings(cfg, source)
     source_info = {"path": str(source.path), "kind": source.kind}
     plans = plan_shards(cfg, source)
@@ -555,6 +570,10 @@ def write_shards(
         + ", ".join(f"{s} {n}" for s, n in counts.items() if n)
         + f" as {settings['size']}px {settings['format']} (crop {settings['crop']}) -> {out}"
     )
+    if source.labels != "none":
+        names = source.attribute_names
+        more = f", ... ({len(names)})" if len(names) > 12 else ""
+        say(f"labels from {source.labels}: {', '.join(names[:12])}{more}")
     if records:
         say(f"kept {len(records)} finished shard(s) from an earlier run")
 
@@ -653,10 +672,12 @@ def _check_existing_output(out: Path, settings: dict[str, Any], source: dict[str
             f"not {source['path']}; use a new --out"
         )
     old = prev["settings"]
-    diffs = [k for k in settings if old.get(k) != settings[k]]
+    # Keys present on one side only count too: `labels` is absent when it is "none".
+    keys = [*settings, *(k for k in old if k in _FLAGS and k not in settings)]
+    diffs = [k for k in keys if old.get(k) != settings.get(k)]
     if diffs:
         was = " ".join(f"{_FLAGS[k]} {_flag_value(old.get(k))}" for k in diffs)
-        now = " ".join(f"{_FLAGS[k]} {_flag_value(settings[k])}" for k in diffs)
+        now = " ".join(f"{_FLAGS[k]} {_flag_value(settings.get(k))}" for k in diffs)
         raise ConfigError(
             f"{out} was written with {was} (this run: {now}, see {label.name}); use a new --out"
         )
@@ -756,6 +777,8 @@ def verify_shards(out: Path | str) -> VerifyReport:
     unsafe = unsafe_shard_names(manifest)
     if unsafe:
         raise DataError(f"{path} names a shard outside its folder: {unsafe[0]!r} (refused)")
+    attribute_names = manifest.get("attribute_names") or []
+    n_attrs = len(attribute_names) if isinstance(attribute_names, list) else 0
     problems: list[tuple[str, str]] = []
     names: set[str] = set()
     n_shards = n_samples = 0
@@ -767,7 +790,7 @@ def verify_shards(out: Path | str) -> VerifyReport:
             names.add(name)
             n_shards += 1
             split_count += shard["count"]
-            problem = _check_shard(out / name, shard)
+            problem = _check_shard(out / name, shard, n_attrs)
             if isinstance(problem, str):
                 problems.append((name, problem))
             else:
@@ -784,8 +807,9 @@ def verify_shards(out: Path | str) -> VerifyReport:
     return VerifyReport(out=out, shards=n_shards, samples=n_samples, problems=problems)
 
 
-def _check_shard(path: Path, shard: dict[str, Any]) -> str | int:
-    """A problem description, or the sample count when the shard matches its manifest entry."""
+def _check_shard(path: Path, shard: dict[str, Any], n_attrs: int) -> str | int:
+    """A problem description, or the sample count when the shard matches its manifest entry
+    and every sample carries `n_attrs` attribute characters (no attrs.txt when 0)."""
     if not path.is_file():
         return "missing"
     size = path.stat().st_size
@@ -794,27 +818,53 @@ def _check_shard(path: Path, shard: dict[str, Any]) -> str | int:
     if sha256_file(path) != shard["sha256"]:
         return "sha256 does not match the manifest (corrupted)"
     try:
-        count = tar_sample_count(path)
+        count, attrs_problem = _scan_tar(path, n_attrs)
     except (tarfile.TarError, OSError) as exc:
         return f"not a readable tar ({exc})"
     if count != shard["count"]:
         return f"{count} samples != manifest {shard['count']}"
-    return count
+    return attrs_problem or count
 
 
 def tar_sample_count(path: Path | str) -> int:
     """Samples in a WebDataset tar: runs of consecutive members sharing a key (the name up to the
     first dot of its last path component, as webdataset's `base_plus_ext`)."""
-    count, last = 0, None
+    return _scan_tar(path, None)[0]
+
+
+def _scan_tar(path: Path | str, n_attrs: int | None) -> tuple[int, str | None]:
+    """(sample count, first attrs problem or None) in one pass over the tar's headers.
+
+    With `n_attrs` None attrs are not looked at; with 0 no sample may have an attrs.txt; else
+    each sample needs one of `n_attrs` `0`/`1` characters (what the stream's collate accepts).
+    """
+    count, last, has_attrs, problem = 0, None, True, None
+
+    def missing() -> str | None:
+        return None if has_attrs or not n_attrs else f"sample {last} has no attrs.txt"
+
     with tarfile.open(path, "r:") as tf:
         for member in tf:
             if not member.isfile():
                 continue
             head, _, base = member.name.rpartition("/")
-            key = head + "/" + base.split(".", 1)[0] if head else base.split(".", 1)[0]
+            stem, _, ext = base.partition(".")
+            key = head + "/" + stem if head else stem
             if key != last:
-                count, last = count + 1, key
-    return count
+                problem = problem or missing()
+                count, last, has_attrs = count + 1, key, False
+            if n_attrs is None or ext != "attrs.txt" or problem:
+                continue
+            has_attrs = True
+            bits = tf.extractfile(member).read().strip()
+            if not n_attrs:
+                problem = f"sample {key} has attrs.txt but the manifest has no attribute_names"
+            elif len(bits) != n_attrs or bits.strip(b"01"):
+                problem = (
+                    f"sample {key} attrs.txt is {bits[:50].decode(errors='replace')!r}, "
+                    f"expected {n_attrs} characters 0/1 (manifest attribute_names)"
+                )
+    return count, problem or (missing() if count else None)
 
 
 # ----------------------------------------------------------------------------- small helpers
