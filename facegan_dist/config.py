@@ -137,6 +137,7 @@ class TrainConfig:
     upsample: str = "convtranspose"  # DCGAN G: convtranspose | nearest | bilinear (no checkerboard)
     d_norm: str = "auto"  # DCGAN D: batch | none | auto (none for wgan-gp or a spectral-norm D)
     spectral_norm: str = "none"  # none | d | g | both
+    mbstd: bool = False  # DCGAN D: minibatch standard deviation channel before the last layer
     condition: str | None = None  # conditional GAN on attributes: "all" or "Smiling,Male,..."
     # objective and schedule
     loss: str = "ns"  # ns (non-saturating, the lecture's fix) | minimax (paper: log(1-D(G(z))))
@@ -227,6 +228,8 @@ class TrainConfig:
             raise bad("--d-norm", f"{self.d_norm!r} must be one of batch, none, auto")
         if self.spectral_norm not in SPECTRAL_NORMS:
             raise bad("--spectral-norm", f"{self.spectral_norm!r} must be none, d, g or both")
+        if self.mbstd and self.arch != "dcgan":
+            raise bad("--mbstd", f"is a DCGAN discriminator layer (got --arch {self.arch})")
         if self.r1 < 0:
             raise bad("--r1", f"{self.r1} must be >= 0")
         if self.r1 and self.loss in ("wgan", "wgan-gp"):

@@ -20,7 +20,8 @@ WEIGHTS_NAME = "generator.safetensors"  # the EMA of G when training kept one, e
 RAW_WEIGHTS_NAME = "generator_raw.safetensors"  # G itself, written only beside an EMA export
 META_NAME = "generator.json"
 # The TrainConfig fields that define G's architecture.
-ARCH_KEYS = ("arch", "act", "dropout", "z_dim", "g_width", "d_width", "upsample", "spectral_norm")
+ARCH_KEYS = ("arch", "act", "dropout", "z_dim", "g_width", "d_width", "upsample", "spectral_norm",
+             "mbstd")  # fmt: skip
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -68,6 +69,7 @@ def build_from_meta(meta: dict[str, Any]):
         d_norm=meta.get("d_norm", "batch"),
         spectral_norm=meta.get("spectral_norm", "none"),
         n_cond=len(meta.get("condition") or []),
+        mbstd=meta.get("mbstd", False),
     )
 
 

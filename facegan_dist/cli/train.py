@@ -96,6 +96,15 @@ def train_cmd(
             rich_help_panel=MODEL,
         ),
     ] = None,
+    mbstd: Annotated[
+        bool | None,
+        typer.Option(
+            "--mbstd/--no-mbstd",
+            help="DCGAN D: minibatch standard deviation channel before its last layer "
+            "(ProGAN); shows D a batch's variety. \\[default: off]",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
     spectral_norm: Annotated[
         str | None,
         typer.Option(help="Spectral normalisation: none | d | g | both.", rich_help_panel=MODEL),
@@ -362,7 +371,7 @@ def train_cmd(
 
     flags = dict(
         data=data, out=out, split=split, arch=arch, act=act, dropout=dropout, z_dim=z_dim,
-        g_width=g_width, d_width=d_width, upsample=upsample, d_norm=d_norm,
+        g_width=g_width, d_width=d_width, upsample=upsample, d_norm=d_norm, mbstd=mbstd,
         spectral_norm=spectral_norm, condition=condition, gp_lambda=gp_lambda, clip=clip, r1=r1,
         augment=augment, loss=loss, d_every=d_every, d_steps=d_steps,
         lr_g=lr_g, lr_d=lr_d, betas_g=_betas(betas_g), betas_d=_betas(betas_d), batch=batch,

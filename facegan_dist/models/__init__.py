@@ -5,7 +5,7 @@ Models are plain nn.Modules (no ranks, devices or Accelerate). G maps z [B, z_di
 
 Which options an architecture reads:
     mlp    resolution, z_dim, act, dropout  (hidden sizes fixed by the paper)
-    dcgan  resolution, z_dim, g_width, d_width, upsample, d_norm  (activations: Radford et al.)
+    dcgan  resolution, z_dim, g_width, d_width, upsample, d_norm, mbstd  (Radford et al.)
     both   n_cond (conditional GAN on binary attributes), spectral_norm (d | g | both | none)
 """
 
@@ -44,6 +44,7 @@ def build_models(
     d_norm: str = "batch",
     spectral_norm: str = "none",
     n_cond: int = 0,
+    mbstd: bool = False,
 ) -> tuple[nn.Module, nn.Module]:
     """Build (G, D) for `arch`, initialised; raises ConfigError naming the offending flag."""
     if arch not in ARCHS:
@@ -76,7 +77,8 @@ def build_models(
                 raise ConfigError(f"{flag} {width} must be at least 1")
         G = DCGANGenerator(resolution=resolution, z_dim=z_dim, width=g_width, upsample=upsample,
                            n_cond=n_cond)  # fmt: skip
-        D = DCGANDiscriminator(resolution=resolution, width=d_width, norm=d_norm, n_cond=n_cond)
+        D = DCGANDiscriminator(resolution=resolution, width=d_width, norm=d_norm, n_cond=n_cond,
+                               mbstd=mbstd)  # fmt: skip
     if spectral_norm in ("g", "both"):
         apply_spectral_norm(G)
     if spectral_norm in ("d", "both"):

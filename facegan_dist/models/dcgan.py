@@ -26,6 +26,9 @@ the single place where an option changes a layer. Options (defaults = the tutori
   (Odena et al. 2016, cited in the Italian notes).
 - `norm` (D): `batch` (the tutorial) or `none`: a WGAN-GP penalty is per sample and BatchNorm
   couples the samples of a batch, so gradient-penalty and spectral-norm critics go without it.
+- `mbstd` (D): minibatch standard deviation (Karras et al. 2018, ProGAN): before the last
+  layer, the standard deviation of each feature over groups of up to 4 samples, averaged into
+  one extra 4x4 channel, lets D see a batch's variety and so penalise mode collapse.
 - `n_cond` (both): a conditional GAN (Mirza & Osindero) on `n_cond` binary attributes c in
   {0, 1}: G reads [z, 2c-1]; D is a projection discriminator (Miyato & Koyama 2018): logit =
   final_conv(h) + <W (2c-1), sum_xy h> with h the 4x4 features.
@@ -115,11 +118,36 @@ class DCGANGenerator(nn.Module):
         return self.main(z[:, :, None, None])  # [B, z(+c), 1, 1] -> [B, 3, S, S]
 
 
+class MinibatchStd(nn.Module):
+    """[B, C, H, W] -> [B, C + 1, H, W]: appends the mean standard deviation of the features over
+    groups of `group` consecutive samples (the largest size <= group dividing B), one value per
+    group broadcast over its samples and positions."""
+
+    def __init__(self, group: int = 4) -> None:
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        g = next(k for k in range(min(self.group, B), 0, -1) if B % k == 0)
+        y = x.float().reshape(g, B // g, C, H, W)  # sample i is in group i % (B // g)
+        y = (y.var(dim=0, unbiased=False) + 1e-8).sqrt()  # [B/g, C, H, W]
+        y = y.mean(dim=(1, 2, 3)).to(x.dtype)  # [B/g]
+        y = y.repeat(g)[:, None, None, None].expand(B, 1, H, W)  # [B, 1, H, W]
+        return torch.cat([x, y], dim=1)
+
+
 class DCGANDiscriminator(nn.Module):
     """image [B, 3, S, S] (+ c [B, n_cond]) -> logits [B] (no sigmoid)."""
 
     def __init__(
-        self, *, resolution: int, width: int = 64, norm: str = "batch", n_cond: int = 0
+        self,
+        *,
+        resolution: int,
+        width: int = 64,
+        norm: str = "batch",
+        n_cond: int = 0,
+        mbstd: bool = False,
     ) -> None:
         super().__init__()
         if norm not in D_NORMS:
@@ -133,8 +161,11 @@ class DCGANDiscriminator(nn.Module):
         for i in range(1, n):
             # [B, width*2^i, S/2^(i+1), S/2^(i+1)]
             layers += _down_block(widths[i - 1], widths[i], batchnorm=norm == "batch")
-        layers.append(nn.Conv2d(widths[-1], 1, 4, 1, 0, bias=False))  # [B, 1, 1, 1]
+        if mbstd:
+            layers.append(MinibatchStd())  # [B, width*2^(n-1) + 1, 4, 4]
+        layers.append(nn.Conv2d(widths[-1] + mbstd, 1, 4, 1, 0, bias=False))  # [B, 1, 1, 1]
         self.main = nn.Sequential(*layers)
+        self.mbstd = mbstd
         if n_cond:
             self.embed = nn.Linear(n_cond, widths[-1], bias=False)  # projection of c
         dcgan_init_(self)
@@ -142,8 +173,8 @@ class DCGANDiscriminator(nn.Module):
     def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:
         if not self.n_cond:
             return self.main(x).flatten()  # [B, 1, 1, 1] -> [B] logits
-        h = self.main[:-1](x)  # [B, C, 4, 4]
-        out = self.main[-1](h).flatten()  # [B]
+        h = self.main[: -1 - self.mbstd](x)  # [B, C, 4, 4]
+        out = self.main[-1 - self.mbstd :](h).flatten()  # [B] (through MinibatchStd if any)
         proj = self.embed(2 * c.to(h.dtype) - 1)  # [B, C]
         return out + (proj * h.sum(dim=(2, 3))).sum(dim=1)  # [B]
 

@@ -52,6 +52,7 @@ def build_gan(cfg: TrainConfig, resolution: int, n_cond: int = 0) -> tuple[nn.Mo
         d_norm=cfg.resolved_d_norm,
         spectral_norm=cfg.spectral_norm,
         n_cond=n_cond,
+        mbstd=cfg.mbstd,
     )
 
 

@@ -216,3 +216,40 @@ def test_build_models_errors_name_the_flag(kwargs, flag):
 def test_dcgan_resolution_message_lists_sizes():
     with pytest.raises(ConfigError, match=r"\(16, 32, 64, 128\)$"):
         build_models("dcgan", resolution=48)
+
+
+def test_minibatch_std_channel_is_the_group_std_of_the_features():
+    from facegan_dist.models.dcgan import MinibatchStd
+
+    x = torch.randn(8, 5, 4, 4)
+    y = MinibatchStd(group=4)(x)
+    assert y.shape == (8, 6, 4, 4)
+    assert torch.equal(y[:, :5], x)
+    # sample i is in group i % 2 (groups of 4 over a batch of 8)
+    for j in range(2):
+        members = x[j::2]
+        want = members.std(dim=0, unbiased=False).mean()
+        assert torch.allclose(y[j::2, 5], want.expand(4, 4, 4), atol=1e-5)
+    assert MinibatchStd(group=4)(torch.randn(3, 2, 4, 4)).shape == (3, 3, 4, 4)  # 3: groups of 3
+
+
+def test_mbstd_discriminator_sees_the_batch_and_rebuilds_from_meta():
+    from facegan_dist.export import build_from_meta
+
+    torch.manual_seed(0)
+    _, D = build_models("dcgan", resolution=16, d_width=8, mbstd=True)
+    D.eval()
+    x = torch.randn(4, 3, 16, 16)
+    a = D(x)
+    x2 = x.clone()
+    x2[1:] = x[0]  # same first image, no variety in its group
+    assert a.shape == (4,) and not torch.allclose(a[0], D(x2)[0])
+    _, plain = build_models("dcgan", resolution=16, d_width=8)
+    plain.eval()
+    assert torch.allclose(plain(x)[:1], plain(x2)[:1])  # without mbstd: per sample
+    meta = {"arch": "dcgan", "resolution": 16, "z_dim": 100, "g_width": 8, "d_width": 8,
+            "act": "relu", "dropout": 0.3, "mbstd": True}  # fmt: skip
+    _, D2 = build_from_meta(meta)
+    D2.load_state_dict(D.state_dict())
+    _, Dc = build_models("dcgan", resolution=16, d_width=8, mbstd=True, n_cond=3)
+    assert Dc(x, torch.ones(4, 3)).shape == (4,)
