@@ -1,191 +1,78 @@
 """FID and KID of a generator against a shard split (`facegan evaluate`, and the training loop).
 
-Features (`--features`):
-- `inception`: torchvision's `inception_v3` with the IMAGENET1K_V1 weights
-  (`inception_v3_google-0cc3c7bd.pth`), the 2048-d pool features, images resized to 299x299
-  bilinearly from uint8. This is torchvision's port of the Google weights, not the TF graph that
-  pytorch-fid / clean-fid use, so our numbers compare between our runs but are not bit-identical
-  to published FIDs. The weights are read from a file, never downloaded (`--inception-weights`
-  or torch hub's cache); a missing file is a one-line error saying where to put which file.
+The statistics are torchmetrics' `FrechetInceptionDistance` and `KernelInceptionDistance`; this
+module owns what they do not: the feature extractors, the split of seeds and real images over
+ranks, the real-statistics cache next to the shards, and the one-line errors.
+
+Features (`--features`), each an `nn.Module` uint8 [B, 3, S, S] -> float [B, D] with `name`,
+`identity` (what keys the cache) and `num_features`:
+- `inception`: torchmetrics' default network, torch-fidelity's port of the TF-FID Inception
+  (`weights-inception-2015-12-05-6726825d.pth`), 2048-d pool features, images resized to 299 by
+  torch-fidelity's TF1-compatible bilinear resize (`antialias=False`; torchmetrics 1.9 defaults to
+  an antialiased resize that departs from TF-FID). The file is read, never downloaded:
+  `--inception-weights` or torch hub's cache (where torch-fidelity would download it); a missing,
+  corrupt or wrong-network file is a one-line CheckpointError naming the file and the URL.
 - `attributes`: the 128-d penultimate features of the shards' attribute classifier
   (`classifier.py`, trained and cached on first use), so a quality number exists fully offline.
   Comparable only between runs evaluated with the same cached classifier.
+- any other extractor object with those three attributes (`evaluate_generator(extractor=...)`).
 
-Both sides are uint8 images (generated images are quantised as a saved PNG would be).
+Each image goes through the extractor once; FID and KID both receive its features through a
+pass-through `feature` module (`_Precomputed`). Why not hand the extractor itself to both metrics:
+each would run the network on every image again, and `KernelInceptionDistance(feature=2048)`
+builds its own Inception without a weights path (a download) and with the antialiased resize.
 
-FID = ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), in float64. tr((S1 S2)^1/2) equals
-tr((sqrt(S1) S2 sqrt(S1))^1/2), and that matrix is symmetric PSD, so its square root's trace is
-the sum of the square roots of its `eigvalsh` eigenvalues (no scipy needed).
-KID = unbiased MMD^2 with the kernel k(x, y) = (x.y / d + 1)^3, averaged over `kid_subsets`
-random subsets of min(1000, n) features per side (mean and std reported), as in Binkowski et al.
+Distribution: every rank updates both metrics with its contiguous share of the seeds and of the
+real images, and `Metric.sync()` reduces the states (FID's sums are summed, KID's feature lists
+gathered in rank order, so the features are in seed order whatever the number of processes).
+KID's list states are gathered element by element (`dist_reduce_fx=None`): ranks with different
+numbers of `update` calls would deadlock (torchmetrics#3336), so KID gets exactly one update per
+side per rank (a zero-row tensor when a rank has nothing). Cached real states are loaded on rank 0
+only (zeros elsewhere), so the sum over ranks counts them once.
 
-Distribution: the generated seeds and the real images are split across ranks; each rank sums x
-and x x^T in float64 for its share and the sums are all-reduced; KID's features themselves are
-gathered (at most `KID_MAX_FEATURES` per side). Real statistics are cached in
-`SHARD_DIR/stats/<features>-<split>-<n>.safetensors` with the manifest's sha256 and the feature
-extractor's identity in the metadata: another manifest or classifier recomputes them.
+Real states are cached in `SHARD_DIR/stats/<name>-<split>-<n>.safetensors`: FID's real sum, sum of
+outer products and count, and KID's real features, with the manifest's sha256 and the extractor's
+identity in the metadata (another manifest or extractor recomputes). Rank 0 writes it (temp file +
+os.replace) only after both metrics were computed, so a failed run caches nothing.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
+import re
+import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from facegan_dist.errors import CheckpointError, ConfigError, DataError
 
 FEATURES = ("inception", "attributes")
-INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"
-INCEPTION_URL = f"https://download.pytorch.org/models/{INCEPTION_FILE}"
-INCEPTION_ID = "torchvision-inception_v3-IMAGENET1K_V1-pool2048-bilinear299"
+# torch-fidelity's URL_INCEPTION_V3 (torch_fidelity/feature_extractor_inceptionv3.py); torch hub
+# names a downloaded file after the URL's last part, whose suffix is the sha256 prefix.
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = (
+    f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+)
+# the published file (95,628,359 bytes); another file works, with a warning
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+INCEPTION_ID = "torch-fidelity-inception-v3-compat-pool2048-tf1-bilinear299"
 KID_SUBSET_SIZE = 1000
-KID_MAX_FEATURES = 10_000  # KID subsets are drawn from the first (up to) 10,000 features per side
+KID_SEED = 0  # KID's random subsets: the same draw for every run and number of processes
+FID_UPDATE_ROWS = 4096  # FID's float64 x^T x per update, on at most this many rows
 STATS_DIR = "stats"
-STATS_FORMAT = 1
-
-
-# ---- the two statistics ----
-
-
-def fid_from_stats(mu1: Tensor, s1: Tensor, mu2: Tensor, s2: Tensor) -> float:
-    """Frechet distance between N(mu1, s1) and N(mu2, s2) (float64 throughout)."""
-    mu1, mu2, s1, s2 = (t.double() for t in (mu1, mu2, s1, s2))
-    s1 = 0.5 * (s1 + s1.T)
-    s2 = 0.5 * (s2 + s2.T)
-    w, v = torch.linalg.eigh(s1)
-    sqrt_s1 = (v * w.clamp_min(0).sqrt()) @ v.T
-    m = sqrt_s1 @ s2 @ sqrt_s1
-    eig = torch.linalg.eigvalsh(0.5 * (m + m.T)).clamp_min(0)
-    tr_covmean = eig.sqrt().sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + torch.trace(s1) + torch.trace(s2) - 2 * tr_covmean)
-
-
-def _mmd2_unbiased(x: Tensor, y: Tensor) -> Tensor:
-    d = x.shape[1]
-    kxx = (x @ x.T / d + 1) ** 3
-    kyy = (y @ y.T / d + 1) ** 3
-    kxy = (x @ y.T / d + 1) ** 3
-    m, n = x.shape[0], y.shape[0]
-    sxx = (kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1))
-    syy = (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1))
-    return sxx + syy - 2 * kxy.mean()
-
-
-def kid(
-    f1: Tensor, f2: Tensor, subsets: int = 100, subset_size: int = KID_SUBSET_SIZE, seed: int = 0
-) -> tuple[float, float]:
-    """(mean, std) of the unbiased MMD^2 (cubic polynomial kernel) over random subsets."""
-    m = min(subset_size, f1.shape[0], f2.shape[0])
-    if m < 2:
-        got = f"{f1.shape[0]}, {f2.shape[0]}"
-        raise ConfigError(f"KID needs at least 2 features per side (got {got})")
-    g = torch.Generator().manual_seed(seed)
-    f1, f2 = f1.double(), f2.double()
-    vals = []
-    for _ in range(max(1, subsets)):
-        i = torch.randperm(f1.shape[0], generator=g)[:m]
-        j = torch.randperm(f2.shape[0], generator=g)[:m]
-        vals.append(_mmd2_unbiased(f1[i], f2[j]))
-    v = torch.stack(vals)
-    return float(v.mean()), float(v.std()) if len(vals) > 1 else 0.0
-
-
-# ---- running sums (float64, reducible across ranks) ----
-
-
-class FeatureStats:
-    """n, sum x, sum x x^T (float64) and up to `keep` raw features (for KID)."""
-
-    def __init__(self, dim: int, keep: int = KID_MAX_FEATURES) -> None:
-        self.n = 0
-        self.sum = torch.zeros(dim, dtype=torch.float64)
-        self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64)
-        self.keep = keep
-        self.kept: list[Tensor] = []
-        self._kept_n = 0
-
-    def add(self, f: Tensor) -> None:
-        f64 = f.detach().cpu().double()
-        self.n += f64.shape[0]
-        self.sum += f64.sum(0)
-        self.sum_outer += f64.T @ f64
-        take = min(self.keep - self._kept_n, f.shape[0])
-        if take > 0:
-            self.kept.append(f[:take].detach().cpu().float())
-            self._kept_n += take
-
-    def features(self) -> Tensor:
-        return torch.cat(self.kept) if self.kept else torch.empty(0, self.sum.shape[0])
-
-
-def mean_cov(n: int, s: Tensor, ss: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and unbiased covariance from n, sum x and sum x x^T."""
-    mu = s / n
-    cov = (ss - n * torch.outer(mu, mu)) / max(n - 1, 1)
-    return mu, cov
-
-
-def reduce_stats(state, st: FeatureStats) -> tuple[Tensor, Tensor, Tensor]:
-    """(mu, cov, KID features) over all ranks; every rank calls it.
-
-    Each rank kept the first (up to) KID_MAX_FEATURES features of its contiguous share, so the
-    first KID_MAX_FEATURES rows of the rank-ordered concatenation are those of the whole list:
-    the same features whatever the number of processes."""
-    from facegan_dist import dist
-
-    n = int(dist.all_sum(state, torch.tensor([st.n], dtype=torch.float64)).item())
-    mu, cov = mean_cov(n, dist.all_sum(state, st.sum), dist.all_sum(state, st.sum_outer))
-    feats = st.features()
-    allf = _gather_varlen(state, feats, _gathered_sizes(state, feats.shape[0]))
-    return mu, cov, allf[:KID_MAX_FEATURES]
-
-
-def _gathered_sizes(state, k: int) -> list[int]:
-    from facegan_dist import dist
-
-    rank, world = dist.world(state)
-    one_hot = torch.zeros(world, dtype=torch.float64)
-    one_hot[rank] = k
-    return [int(v) for v in dist.all_sum(state, one_hot)]
-
-
-def _gather_varlen(state, rows: Tensor, sizes: list[int]) -> Tensor:
-    from facegan_dist import dist
-
-    rank, world = dist.world(state)
-    if world == 1:
-        return rows
-    import torch.distributed as tdist
-
-    width = rows.shape[1]
-    padded = rows.new_zeros((max(sizes), width))
-    padded[: rows.shape[0]] = rows
-    padded = padded.to(state.device)
-    parts = [torch.empty_like(padded) for _ in sizes]
-    tdist.all_gather(parts, padded)
-    return torch.cat([p[:k].cpu() for p, k in zip(parts, sizes, strict=True)])
+STATS_FORMAT = 2  # 2: torchmetrics states (format 1 held mean/cov; such files are recomputed)
+FID_REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
 
 # ---- feature extractors: uint8 [B, 3, S, S] (on device) -> float [B, D] ----
-
-
-@dataclass
-class Extractor:
-    name: str  # "inception" | "attributes"
-    identity: str  # what the cached real statistics must match
-    dim: int
-    fn: Callable[[Tensor], Tensor]
-
-    @torch.no_grad()
-    def __call__(self, images_uint8: Tensor) -> Tensor:
-        return self.fn(images_uint8).float()
 
 
 def _file_sha256(path: Path) -> str:
@@ -198,76 +85,234 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _first_line(exc: Exception) -> str:
+    """The informative line of an exception (load_state_dict's first line only says where)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    return (lines or [type(exc).__name__])[0][:160]
+
+
+def _where_to_get() -> str:
+    return f"get {INCEPTION_FILE} from {INCEPTION_URL}"
+
+
 def inception_weights_path(path: Path | None = None) -> Path:
-    """The Inception file to use; CheckpointError naming where to put it when absent."""
+    """The Inception file to use: `path` (--inception-weights), else torch hub's cache, where
+    torch-fidelity would download it. CheckpointError naming the file and the URL when it is
+    absent or empty."""
     if path is not None:
         path = Path(path)
         if not path.is_file():
+            raise CheckpointError(f"--inception-weights {path}: file not found ({_where_to_get()})")
+    else:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+        if not path.is_file():
             raise CheckpointError(
-                f"--inception-weights {path}: file not found (download {INCEPTION_URL})"
+                f"Inception weights not found: put {INCEPTION_FILE} (from {INCEPTION_URL}) at "
+                f"{path}, or pass --inception-weights PATH, or use --features attributes"
             )
-        return path
-    hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    if not hub.is_file():
-        raise CheckpointError(
-            f"Inception weights not found: put {INCEPTION_FILE} (from {INCEPTION_URL}) at {hub}, "
-            "or pass --inception-weights PATH, or use --features attributes"
-        )
-    return hub
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file, not the Inception weights ({_where_to_get()})")
+    return path
 
 
-def inception_extractor(device, weights: Path | None = None) -> Extractor:
-    """torchvision Inception v3, 2048-d pool features of 299x299 bilinear resizes."""
-    from torchvision.models.inception import Inception3
+def _check_inception_state(path: Path) -> None:
+    """Refuse anything but torch-fidelity's Inception state_dict before torch-fidelity reads it.
 
-    path = inception_weights_path(weights)
-    # transform_input=False: we feed what the Google weights expect, x in [-1, 1] (torchvision's
-    # transform_input=True only converts ImageNet-normalised input into that range).
-    model = Inception3(num_classes=1000, aux_logits=True, transform_input=False, init_weights=False)
+    torch-fidelity loads the file with `weights_only=False` (a pickle may run code). Loading it
+    here with `weights_only=True` first means only plain tensors and containers get through, and
+    the fingerprint below turns the usual mistakes (torchvision's inception_v3 file, with its
+    1000-class fc, or any other network) into one line instead of a state_dict diff."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    except (OSError, RuntimeError, KeyError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path}: not torchvision's Inception v3 weights ({first})") from None
-    model.fc = torch.nn.Identity()  # -> the 2048-d pool features (after avgpool + dropout)
-    model = model.to(device).eval().requires_grad_(False)
-    identity = f"{INCEPTION_ID}-{_file_sha256(path)[:16]}"  # other weights: other statistics
-
-    def fn(x: Tensor) -> Tensor:
-        x = x.float() / 127.5 - 1.0
-        x = torch.nn.functional.interpolate(
-            x, size=(299, 299), mode="bilinear", align_corners=False
+    except Exception as exc:  # corrupt, truncated, not a torch file, or a disallowed pickle
+        if not zipfile.is_zipfile(path):  # torch.save writes zip archives (or legacy pickles)
+            why = "corrupt, truncated, or not a PyTorch file"
+        elif "Weights only load failed" in str(exc):  # an archive holding more than a state_dict
+            why = "it holds pickled objects besides tensors, which are not loaded"
+        else:
+            why = _first_line(exc)
+        raise CheckpointError(
+            f"{path}: not a readable Inception weights file ({why}); {_where_to_get()}"
+        ) from None
+    fc = state.get("fc.weight") if isinstance(state, dict) else None
+    if (
+        not isinstance(fc, Tensor)
+        or tuple(fc.shape) != (1008, 2048)
+        or "Mixed_7c.branch_pool.conv.weight" not in state
+    ):
+        what = (
+            f"fc.weight {tuple(fc.shape)}"
+            if isinstance(fc, Tensor)
+            else "no fc.weight [1008, 2048]"
         )
-        return model(x)
+        raise CheckpointError(
+            f"{path}: not torch-fidelity's Inception v3 weights ({what}; torchvision's "
+            f"inception_v3 file does not fit either); {_where_to_get()}"
+        )
 
-    return Extractor("inception", identity, 2048, fn)
+
+class InceptionFeatures(nn.Module):
+    """torchmetrics' default FID network (torch-fidelity's TF-FID Inception v3), 2048-d pool
+    features of the TF1-compatible bilinear resize to 299 (antialias off)."""
+
+    name = "inception"
+    num_features = 2048
+
+    def __init__(self, weights: Path | None = None, log: Callable[[str], None] | None = None):
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        path = inception_weights_path(weights)
+        _check_inception_state(path)
+        # torchmetrics before the antialias flag (e.g. 1.4) always resizes the TF1 way
+        params = inspect.signature(NoTrainInceptionV3.__init__).parameters
+        resize = {"antialias": False} if "antialias" in params else {}
+        try:
+            # what FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=...,
+            # antialias=False) builds; a path is always given, so nothing is downloaded
+            self.net = NoTrainInceptionV3(
+                name="inception-v3-compat",
+                features_list=[str(self.num_features)],
+                feature_extractor_weights_path=str(path),
+                **resize,
+            )
+        except (OSError, RuntimeError, KeyError, ValueError, EOFError) as exc:
+            raise CheckpointError(
+                f"{path}: not torch-fidelity's Inception v3 weights ({_first_line(exc)}); "
+                f"{_where_to_get()}"
+            ) from None
+        digest = _file_sha256(path)
+        if digest != INCEPTION_SHA256 and log:
+            log(
+                f"warning: {path} (sha256 {digest[:8]}...) is not the published {INCEPTION_FILE}: "
+                "its FIDs compare only with runs that use the same file"
+            )
+        self.identity = f"{INCEPTION_ID}-{digest[:16]}"  # other weights: other statistics
+
+    @torch.no_grad()
+    def forward(self, images_uint8: Tensor) -> Tensor:
+        return self.net(images_uint8)
 
 
-def attribute_extractor(shard_dir: Path, device, state=None, log=None, **kw) -> Extractor:
-    from facegan_dist.classifier import FEATURE_DIM, WEIGHTS_NAME, get_classifier, uint8_to_input
+class AttributeFeatures(nn.Module):
+    """The 128-d penultimate features of the shards' attribute classifier."""
 
-    clf, meta = get_classifier(shard_dir, device, state=state, log=log, **kw)
+    name = "attributes"
+
+    def __init__(self, classifier: nn.Module, identity: str) -> None:
+        super().__init__()
+        from facegan_dist.classifier import FEATURE_DIM
+
+        self.classifier = classifier
+        self.identity = identity
+        self.num_features = FEATURE_DIM
+
+    @torch.no_grad()
+    def forward(self, images_uint8: Tensor) -> Tensor:
+        from facegan_dist.classifier import uint8_to_input
+
+        return self.classifier.features(uint8_to_input(images_uint8))
+
+
+def attribute_extractor(shard_dir: Path, device, state=None, log=None, **kw) -> AttributeFeatures:
+    from facegan_dist.classifier import WEIGHTS_NAME, get_classifier
+
+    clf, _ = get_classifier(shard_dir, device, state=state, log=log, **kw)
     digest = _file_sha256(Path(shard_dir) / "classifier" / WEIGHTS_NAME)
-    identity = f"attributes-classifier-{digest[:16]}"
-    return Extractor("attributes", identity, FEATURE_DIM, lambda x: clf.features(uint8_to_input(x)))
+    return AttributeFeatures(clf, f"attributes-classifier-{digest[:16]}").to(device)
 
 
 def make_extractor(
     features: str, data_dir: Path, device, *, inception_weights=None, state=None, log=None
-) -> Extractor:
+) -> nn.Module:
+    """The `--features` extractor, on `device` (every rank calls it)."""
     if features == "inception":
-        return inception_extractor(device, inception_weights)
+        return InceptionFeatures(inception_weights, log=log).to(device)
     if features == "attributes":
         return attribute_extractor(data_dir, device, state=state, log=log)
     raise ConfigError(f"--features {features!r} must be one of {', '.join(FEATURES)}")
 
 
-# ---- real statistics, cached next to the shards ----
+# ---- the two torchmetrics metrics, fed with precomputed features ----
 
 
-def stats_path(data_dir: Path, features: str, split: str, n: int) -> Path:
-    return Path(data_dir) / STATS_DIR / f"{features}-{split}-{n}.safetensors"
+class _Precomputed(nn.Module):
+    """The metrics' `feature` module: the features arrive already extracted (once per image, for
+    both metrics). `num_features` spares FrechetInceptionDistance its probe with a 299 px image."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+@dataclass
+class _Metrics:
+    """FID and KID side by side, fed the same features."""
+
+    fid: object  # torchmetrics FrechetInceptionDistance
+    kid: object  # torchmetrics KernelInceptionDistance
+    device: torch.device
+
+    @classmethod
+    def build(cls, dim: int, subsets: int, subset_size: int, device, world_size: int) -> _Metrics:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        # We sync once by hand (to cache the reduced real states), and only when this call runs
+        # on several ranks: a process group that exists for other reasons is not ours to sync.
+        kw = {"sync_on_compute": False, "distributed_available_fn": lambda: world_size > 1}
+        fid = FrechetInceptionDistance(feature=_Precomputed(dim), **kw)
+        with warnings.catch_warnings():  # "will save all extracted features": we know (docs)
+            warnings.filterwarnings("ignore", message=".*save all extracted features.*")
+            kid = KernelInceptionDistance(
+                feature=_Precomputed(dim), subsets=subsets, subset_size=subset_size, **kw
+            )
+        device = torch.device(device)
+        return cls(fid.to(device), kid.to(device), device)
+
+    def add(self, features: Tensor, real: bool) -> None:
+        """One rank's features of one side ([k, D], k may be 0): FID in float64 chunks, KID in
+        exactly one update (see the module docstring)."""
+        features = features.to(self.device)
+        for chunk in features.split(FID_UPDATE_ROWS) if len(features) else [features]:
+            self.fid.update(chunk.double(), real=real)
+        # float32 (what torchmetrics keeps with its own Inception): 4 bytes per feature, and the
+        # same dtype on every rank for the gather
+        self.kid.update(features.float(), real=real)
+
+    def load_real(self, cached: dict[str, Tensor]) -> None:
+        """Cached real states (rank 0 only: every rank's states are summed / gathered)."""
+        for name in FID_REAL_STATES:
+            setattr(self.fid, name, cached[name].to(self.device))
+        self.kid.update(cached["kid_real_features"].to(self.device).float(), real=True)
+
+    def compute(self, keep_real: bool = False) -> tuple[float, float, float, dict | None]:
+        """(fid, kid, kid_std, reduced real states or None) over all ranks; every rank calls
+        it. keep_real: also return the real states reduced over ranks (what the cache holds);
+        they are read between the sync and compute(), which restores the local states."""
+        self.fid.sync()
+        self.kid.sync()
+        real = self._real_states() if keep_real else None
+        with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global RNG
+            torch.manual_seed(KID_SEED)
+            fid = self.fid.compute()
+            kid, kid_std = self.kid.compute()
+        return float(fid), float(kid), float(kid_std), real
+
+    def _real_states(self) -> dict[str, Tensor]:
+        out = {n: getattr(self.fid, n).detach().cpu().contiguous() for n in FID_REAL_STATES}
+        real = self.kid.real_features
+        feats = torch.cat(real) if isinstance(real, list) else real
+        out["kid_real_features"] = feats.detach().cpu().contiguous()
+        return out
+
+
+# ---- real images: count, cache, features ----
 
 
 def _split_count(data_dir: Path, split: str) -> int:
@@ -284,7 +329,13 @@ def _split_count(data_dir: Path, split: str) -> int:
     return int(splits[split].get("count", 0))
 
 
-def _load_cached(path: Path, want: dict):
+def stats_path(data_dir: Path, name: str, split: str, n: int) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    return Path(data_dir) / STATS_DIR / f"{safe}-{split}-{n}.safetensors"
+
+
+def _load_cached(path: Path, want: dict, dim: int) -> dict[str, Tensor] | None:
+    """The cached real states if the file matches `want` (metadata) and the shapes, else None."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -294,65 +345,59 @@ def _load_cached(path: Path, want: dict):
             meta = f.metadata() or {}
             if any(meta.get(k) != str(v) for k, v in want.items()):
                 return None
-            return f.get_tensor("mu"), f.get_tensor("cov"), f.get_tensor("kid_features")
+            out = {k: f.get_tensor(k) for k in (*FID_REAL_STATES, "kid_real_features")}
     except (OSError, ValueError, KeyError, RuntimeError):  # unreadable cache: recompute
         return None
+    count = int(want["count"])
+    shapes_ok = (
+        out["real_features_sum"].shape == (dim,)
+        and out["real_features_cov_sum"].shape == (dim, dim)
+        and int(out["real_features_num_samples"]) == count
+        and out["kid_real_features"].shape == (count, dim)
+    )
+    return out if shapes_ok else None
 
 
-def real_stats(
-    ext: Extractor, data_dir: Path, split: str, n: int, batch: int, device, state=None, log=None
-) -> tuple[Tensor, Tensor, Tensor, int]:
-    """(mu, cov, KID features, images used) of the first min(n, |split|) real images, from the
-    cache when it matches, else computed (split over ranks) and cached by rank 0."""
+def _save_cached(path: Path, want: dict, states: dict[str, Tensor], log=None) -> None:
     from safetensors.torch import save_file
 
-    from facegan_dist import dist
-    from facegan_dist.classifier import iter_split_once, manifest_sha256
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(states, str(tmp), metadata={k: str(v) for k, v in want.items()})
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only shard folder: compute each time
+        tmp.unlink(missing_ok=True)
+        if log:
+            log(f"warning: cannot cache {path} ({exc})")
 
-    count = min(n, _split_count(data_dir, split))
-    if count < 2:
-        raise DataError(f"{data_dir}: split '{split}' has {count} image(s); FID needs 2 or more")
-    path = stats_path(data_dir, ext.name, split, n)
-    want = {
-        "format": STATS_FORMAT,
-        "manifest_sha256": manifest_sha256(data_dir),
-        "extractor": ext.identity,
-        "count": count,
-    }
-    cached = _load_cached(path, want)
-    if cached is not None:
-        return (*cached, count)
-    if log:
-        log(f"computing real {ext.name} statistics of {count} '{split}' images -> {path}")
-    # every rank reads the images in the same order and featurises its contiguous share
+
+@torch.no_grad()
+def real_features(
+    ext: nn.Module, data_dir: Path, split: str, count: int, batch: int, device, state=None
+) -> Tensor:
+    """Features [k, D] of this rank's contiguous share of the first `count` images of `split`
+    (every rank reads the images in the same order and featurises its share)."""
+    from facegan_dist import dist
+    from facegan_dist.classifier import iter_split_once
+
     rank, world = dist.world(state)
     sizes = dist.chunk_sizes(count, world)
     lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
-    st = FeatureStats(ext.dim)
+    feats = []
     pos = 0
-    for images, _, _ in iter_split_once(data_dir, split, batch, limit=count):
-        a, b = max(lo, pos), min(hi, pos + images.shape[0])
-        if a < b:
-            st.add(ext(images[a - pos : b - pos].to(device)))
-        pos += images.shape[0]
-        if pos >= hi:
-            break
-    mu, cov, feats = reduce_stats(state, st)
-    if dist.is_main(state):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tensors = {"mu": mu, "cov": cov, "kid_features": feats.contiguous()}
-            save_file(tensors, str(tmp), metadata={k: str(v) for k, v in want.items()})
-            os.replace(tmp, path)
-        except OSError as exc:  # a read-only shard folder: compute each time
-            if log:
-                log(f"warning: cannot cache {path} ({exc})")
-    dist.barrier(state)
-    return mu, cov, feats, count
+    if hi > lo:
+        for images, _, _ in iter_split_once(data_dir, split, batch, limit=count):
+            a, b = max(lo, pos), min(hi, pos + images.shape[0])
+            if a < b:
+                feats.append(ext(images[a - pos : b - pos].to(device)))
+            pos += images.shape[0]
+            if pos >= hi:
+                break
+    return torch.cat(feats) if feats else torch.empty(0, ext.num_features, device=device)
 
 
-# ---- generated statistics and the core entry point ----
+# ---- generated images and the core entry point ----
 
 
 def real_conditions(data_dir: Path, split: str, n: int, attr_idx: list[int]) -> Tensor:
@@ -370,25 +415,26 @@ def real_conditions(data_dir: Path, split: str, n: int, attr_idx: list[int]) -> 
 
 
 @torch.no_grad()
-def fake_stats(
+def fake_features(
     G,
-    ext: Extractor,
+    ext: nn.Module,
     seeds: list[int],
     batch: int,
     psi: float = 1.0,
     mode: str = "shrink",
     state=None,
     conds: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(mu, cov, KID features) of G over `seeds`, split over ranks (every rank calls it).
-    conds: [len(seeds), n_cond] conditions of a conditional G, row i for seed i."""
+) -> Tensor:
+    """Features [k, D] of G's images for this rank's contiguous share of `seeds`, in seed order.
+    Generated images are quantised to uint8 as a saved PNG would be. conds: [len(seeds), n_cond]
+    conditions of a conditional G, row i for seed i."""
     from facegan_dist import dist
     from facegan_dist.latent import truncated_z
     from facegan_dist.sampling import to_uint8
 
     mine = dist.split_items(state, list(range(len(seeds))))  # positions in `seeds`
     device = next(G.parameters()).device
-    st = FeatureStats(ext.dim)
+    feats = []
     was_training = G.training
     G.eval()
     try:
@@ -396,10 +442,10 @@ def fake_stats(
             part = mine[i : i + batch]
             z = truncated_z([seeds[j] for j in part], G.z_dim, psi, mode).to(device)
             images = G(z) if conds is None else G(z, conds[part].to(device))
-            st.add(ext(to_uint8(images)))
+            feats.append(ext(to_uint8(images)))
     finally:
         G.train(was_training)
-    return reduce_stats(state, st)
+    return torch.cat(feats) if feats else torch.empty(0, ext.num_features, device=device)
 
 
 def evaluate_generator(
@@ -407,7 +453,7 @@ def evaluate_generator(
     data_dir: Path,
     *,
     n: int = 50_000,
-    features: str = "inception",
+    features: str = "attributes",
     split: str = "train",
     batch: int = 100,
     device=None,
@@ -419,16 +465,21 @@ def evaluate_generator(
     inception_weights: Path | None = None,
     log: Callable[[str], None] | None = None,
     condition_idx: list[int] | None = None,
+    extractor: nn.Module | None = None,
 ) -> dict:
     """FID and KID of G (seeds seed..seed+n-1) against the first n images of `split`.
     A conditional G gets `condition_idx` (its condition attributes' columns in the shards'
     attribute table) and draws fake image i with the labels of real image i (`real_conditions`).
+    `extractor`: an already-built feature extractor used instead of `features` (an nn.Module
+    uint8 [B, 3, S, S] -> float [B, D] with `name`, `identity` and `num_features`).
 
     Call it on EVERY rank with the same arguments (it uses collectives when `acc`, an
     Accelerator or PartialState, has several processes); pass an unwrapped module (the EMA or
     `acc.unwrap_model(G)`), never the DDP wrapper: a DDP forward here would desync the ranks.
     G is put in eval mode for the duration and restored. Returns
-    {fid, kid, kid_std, n, n_real, features, split}."""
+    {fid, kid, kid_std, n, n_real, features, split, kid_subset_size, conditions}."""
+    from facegan_dist import dist
+    from facegan_dist.classifier import manifest_sha256
     from facegan_dist.latent import check_truncation
 
     if n < 2:
@@ -438,28 +489,68 @@ def evaluate_generator(
     if kid_subsets < 1:
         raise ConfigError(f"--kid-subsets {kid_subsets} must be at least 1")
     check_truncation(truncation, truncation_mode)
+    if extractor is None and features not in FEATURES:
+        raise ConfigError(f"--features {features!r} must be one of {', '.join(FEATURES)}")
     device = device if device is not None else next(G.parameters()).device
     state = acc
-    ext = make_extractor(
-        features, data_dir, device, inception_weights=inception_weights, state=state, log=log
+    available = _split_count(data_dir, split)
+    count = min(n, available)
+    if count < 2:
+        raise DataError(f"{data_dir}: split '{split}' has {count} image(s); FID needs 2 or more")
+    ext = extractor
+    if ext is None:  # before the warning below: a bad weights file is then the only line
+        ext = make_extractor(
+            features, data_dir, device, inception_weights=inception_weights, state=state, log=log
+        )
+    if count < n and log:
+        log(
+            f"warning: --n {n} but split '{split}' of {data_dir} has {available} images: "
+            f"real statistics use {count}"
+        )
+    subset_size = min(KID_SUBSET_SIZE, n, count)
+    metrics = _Metrics.build(
+        ext.num_features, kid_subsets, subset_size, device, dist.world(state)[1]
     )
-    mu_r, cov_r, f_r, n_real = real_stats(ext, data_dir, split, n, batch, device, state, log)
+
+    # real side: rank 0 alone loads a matching cache (and tells the others), else all featurise
+    path = stats_path(data_dir, ext.name, split, n)
+    want = {
+        "format": STATS_FORMAT,
+        "manifest_sha256": manifest_sha256(data_dir),
+        "extractor": ext.identity,
+        "split": split,
+        "count": count,
+    }
+    cached = _load_cached(path, want, ext.num_features) if dist.is_main(state) else None
+    hit = dist.broadcast_object(state, cached is not None)
+    if cached is not None:
+        metrics.load_real(cached)
+    elif hit:  # another rank holds the cached states: this rank adds nothing (but updates once)
+        metrics.add(torch.empty(0, ext.num_features), real=True)
+    else:
+        if log:
+            log(f"computing real {ext.name} statistics of {count} '{split}' images -> {path}")
+        metrics.add(real_features(ext, data_dir, split, count, batch, device, state), real=True)
+
+    # generated side
     seeds = list(range(seed, seed + n))
     conds = real_conditions(data_dir, split, n, condition_idx) if condition_idx else None
-    mu_g, cov_g, f_g = fake_stats(
-        G, ext, seeds, batch, truncation, truncation_mode, state, conds=conds
-    )
-    fid = fid_from_stats(mu_g, cov_g, mu_r, cov_r)
-    k, k_std = kid(f_g, f_r, kid_subsets)
+    fake = fake_features(G, ext, seeds, batch, truncation, truncation_mode, state, conds=conds)
+    metrics.add(fake, real=False)
+
+    fid, kid, kid_std, real = metrics.compute(keep_real=not hit and dist.is_main(state))
+    if real is not None and all(bool(torch.isfinite(t.double()).all()) for t in real.values()):
+        _save_cached(path, want, real, log)
+    dist.barrier(state)
     return {
         "fid": fid,
-        "kid": k,
-        "kid_std": k_std,
+        "kid": kid,
+        "kid_std": kid_std,
         "n": n,
-        "n_real": n_real,
-        "features": features,
+        "n_real": count,
+        "features": ext.name,
         "split": split,
-        "kid_subset_size": min(KID_SUBSET_SIZE, f_g.shape[0], f_r.shape[0]),
+        "kid_subset_size": subset_size,
         "conditions": "real labels" if condition_idx else None,
     }
 
@@ -475,7 +566,7 @@ class EvaluateConfig:
     data: Path
     n: int = 50_000
     split: str = "train"
-    features: str = "inception"
+    features: str = "attributes"  # offline; "inception" = the standard FID, needs the file
     batch: int = 100
     kid_subsets: int = 100
     seed: int = 0

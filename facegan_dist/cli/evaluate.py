@@ -26,10 +26,12 @@ def evaluate_cmd(
     features: Annotated[
         str,
         typer.Option(
-            help="inception (torchvision Inception v3 pool, 2048-d; needs the weights file) or "
-            "attributes (the shards' attribute classifier, 128-d; fully offline)."
+            help="attributes (the shards' attribute classifier, 128-d; fully offline, comparable "
+            "only between runs using the same cached classifier) or inception (the standard, "
+            "published-table FID: torch-fidelity's TF-FID Inception v3, 2048-d; needs its "
+            "weights file, see --inception-weights)."
         ),
-    ] = "inception",
+    ] = "attributes",
     batch: Annotated[int, typer.Option(help="Images per forward, per process.")] = 100,
     kid_subsets: Annotated[
         int, typer.Option(help="KID subsets (of min(1000, n) features each).")
@@ -41,8 +43,11 @@ def evaluate_cmd(
     inception_weights: Annotated[
         Path | None,
         typer.Option(
-            help="The inception_v3_google-0cc3c7bd.pth file. Default: the torch hub cache, "
-            "$TORCH_HOME/hub/checkpoints/ (~/.cache/torch/hub/checkpoints/)."
+            help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (from "
+            "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/). Never "
+            "downloaded. Default: the torch hub cache, $TORCH_HOME/hub/checkpoints/ "
+            "(~/.cache/torch/hub/checkpoints/).",
+            show_default=False,
         ),
     ] = None,
     out: Annotated[
@@ -54,8 +59,9 @@ def evaluate_cmd(
 ) -> None:
     """FID and KID of the generator against N real images of a split.
 
-    Real statistics are cached in DATA/stats/<features>-<split>-<n>.safetensors (recomputed when
-    manifest.json or the feature extractor changes). Runs split over processes under
+    FID and KID are torchmetrics' (docs/SAMPLING.md, "Evaluation protocol"). Real statistics
+    are cached in DATA/stats/<features>-<split>-<n>.safetensors (recomputed when manifest.json
+    or the feature extractor changes). Runs split over processes under
     `accelerate launch ... facegan_dist evaluate ...`.
     """
     from facegan_dist import dist
