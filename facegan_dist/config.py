@@ -177,6 +177,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between evaluations; 0 = never (evaluate later: facegan evaluate)
     eval_n: int = 2000  # generated and real images per evaluation
     eval_features: str = "attributes"  # attributes (offline, shard classifier) | inception
+    inception_weights: Path | None = None  # torch-fidelity's file; None = torch hub's cache
     # faults
     on_nonfinite: str = "stop"  # stop | rollback (to the last checkpoint, lower the lrs)
     max_rollbacks: int = 3  # give up after this many rollbacks

@@ -288,7 +288,18 @@ def train_cmd(
     eval_features: Annotated[
         str | None,
         typer.Option(
-            help="attributes (offline) | inception. \\[default: attributes]", rich_help_panel=LOG
+            help="attributes (offline: the shards' label classifier) | inception (the "
+            "standard TF-FID network; needs its weights file, see --inception-weights). "
+            "\\[default: attributes]",
+            rich_help_panel=LOG,
+        ),
+    ] = None,
+    inception_weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="--eval-features inception: the torch-fidelity weights file "
+            "(weights-inception-2015-12-05-6726825d.pth) \\[default: torch hub's cache]",
+            rich_help_panel=LOG,
         ),
     ] = None,
     on_nonfinite: Annotated[
@@ -382,6 +393,7 @@ def train_cmd(
         channels_last=channels_last, tf32=tf32, fused_adam=fused_adam, exact=exact,
         num_workers=num_workers, shuffle_buffer=shuffle_buffer,
         eval_every=eval_every, eval_n=eval_n, eval_features=eval_features,
+        inception_weights=inception_weights,
         on_nonfinite=on_nonfinite, max_rollbacks=max_rollbacks,
         rollback_lr_factor=rollback_lr_factor, skip_bad_samples=skip_bad_samples,
         log_every=log_every, sample_every=sample_every, n_samples=n_samples,

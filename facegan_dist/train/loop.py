@@ -145,6 +145,10 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
 
     cfg = cfg.validate()
     manifest = read_data_manifest(cfg)
+    if cfg.eval_every and cfg.eval_features == "inception":
+        from facegan_dist.metrics import inception_weights_path
+
+        inception_weights_path(cfg.inception_weights)  # a missing file fails before any work
     resolution = int(manifest["settings"]["size"])
     attribute_names = list(manifest.get("attribute_names") or [])
     run_dir = cfg.run_dir
@@ -472,7 +476,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         res = evaluate_generator(
             G_eval, cfg.data, n=cfg.eval_n, features=cfg.eval_features,
             split="train" if cfg.split == "all" else cfg.split, batch=max(bpd, 50),
-            device=device, acc=acc, seed=1_000_000,
+            device=device, acc=acc, seed=1_000_000, inception_weights=cfg.inception_weights,
             condition_idx=cond_idx.tolist() if condition else None,
         )  # fmt: skip
         row = {"step": step, "fid": res["fid"], "kid": res["kid"], "kid_std": res["kid_std"],

@@ -151,3 +151,13 @@ def test_help_shows_the_defaults_of_auto_flags():
         assert text in res.stdout, text
     bench = runner.invoke(app, ["bench", "train", "--help"], env={"COLUMNS": "200"})
     assert "[default: CUDA and CPU]" in bench.stdout
+
+
+def test_eval_features_inception_without_the_weights_file_fails_before_any_work(shards, tmp_path):
+    missing = tmp_path / "nope.pth"
+    r = cli("train", "--data", str(shards), "--out", str(tmp_path / "r"), "--max-steps", "2",
+            "--eval-every", "1", "--eval-features", "inception",
+            "--inception-weights", str(missing))  # fmt: skip
+    assert r.returncode == 1
+    assert_one_line_error(r.stderr, str(missing), "--inception-weights")
+    assert not (tmp_path / "r" / "checkpoints").exists()

@@ -239,26 +239,12 @@ def test_evaluate_attributes_caches_real_stats_keyed_and_invalidated(
 
 def test_evaluate_without_inception_weights_is_one_line(run, shards, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    r = invoke("evaluate", run, "--data", shards, "--n", 10)
+    r = invoke("evaluate", run, "--data", shards, "--n", 10, "--features", "inception")
     expected = os.path.join(tmp_path, "torch", "hub", "checkpoints")
-    assert_one_line_error(r, expected, "inception_v3_google-0cc3c7bd.pth", "https://")
+    assert_one_line_error(r, expected, "weights-inception-2015-12-05-6726825d.pth", "https://")
+    assert not list(shards.glob("stats/inception-*"))  # nothing cached from a failed run
 
 
-def test_evaluate_inception_from_a_weights_file(run, shards, tmp_path):
-    """The Inception path end to end with randomly initialised weights in the torchvision
-    layout (the real file cannot be downloaded here): 2048-d features, cached real statistics
-    keyed by the weights file."""
-    from safetensors import safe_open
-    from torchvision.models.inception import Inception3
-
-    torch.manual_seed(0)
-    weights = tmp_path / "inception.pth"
-    torch.save(Inception3(aux_logits=True, init_weights=True).state_dict(), weights)
-    r = invoke("evaluate", run, "--data", shards, "--n", 6, "--kid-subsets", 2,
-               "--inception-weights", weights, "--out", tmp_path / "inc.json")  # fmt: skip
-    assert r.exit_code == 0, r.output
-    res = json.loads((tmp_path / "inc.json").read_text())
-    assert res["features"] == "inception" and res["n_real"] == 6 and np.isfinite(res["fid"])
-    with safe_open(str(shards / "stats" / "inception-train-6.safetensors"), "pt") as f:
-        assert f.get_tensor("mu").shape == (2048,)
-        assert f.metadata()["extractor"].startswith("torchvision-inception_v3")
+# The Inception path end to end (torch-fidelity's network from a weights file) is
+# tests/unit/test_metrics.py::test_evaluate_inception_end_to_end_from_a_weights_file; a
+# torchvision Inception file is refused there (test_bad_inception_weights_are_one_line...).
