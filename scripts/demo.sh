@@ -21,9 +21,9 @@ echo "== 3/5 verify: re-hash and re-count every shard"
 facegan verify "$DEMO_DIR/shards32"
 facegan preview "$DEMO_DIR/shards32" --out "$DEMO_DIR/shards32-contact-sheet.png"
 
-echo "== 4/5 train: DCGAN, preset demo (W&B offline)"
-facegan train --data "$DEMO_DIR/shards32" --out "$DEMO_DIR/run" --preset demo --resume auto \
-  ${STEPS:+--max-steps "$STEPS"}
+echo "== 4/5 train: DCGAN, the default preset (quality) at demo size: widths 32, batch 64 (W&B offline)"
+facegan train --data "$DEMO_DIR/shards32" --out "$DEMO_DIR/run" --preset quality --resume auto \
+  --g-width 32 --d-width 32 --batch 64 --num-workers 1 --max-steps "${STEPS:-3000}"
 
 echo "== 5/5 sample: a grid of seeds 0-63 and two interpolation strips from the EMA generator"
 facegan sample "$DEMO_DIR/run" --out "$DEMO_DIR/samples" --grid 8x8 --interpolate 0-1,2-3 --steps 8

@@ -47,6 +47,7 @@ COMMON = dict(g_width=32, d_width=32, batch=64, num_workers=1, wandb_mode="disab
 # name -> (preset, flags). "baseline" is the plain loop of the PyTorch example (see above).
 RECIPES: dict[str, tuple[str, dict]] = {
     "baseline": ("tutorial", {}),
+    "quality": ("quality", {}),
     "tutorial": ("tutorial", {}),
     "diffaug": ("tutorial", dict(augment="color,translation,cutout")),
     "ttur": ("tutorial", dict(lr_g=1e-4, lr_d=4e-4)),
@@ -63,7 +64,7 @@ RECIPES: dict[str, tuple[str, dict]] = {
     "paper-mlp-relu": ("paper-mlp-relu", {}),
     "paper-mlp-leaky": ("paper-mlp-leaky", {}),
 }
-QUICK = ["baseline", "tutorial", "diffaug", "ttur"]
+QUICK = ["baseline", "tutorial", "quality"]  # with --kimg 96 unless given: < 30 min on 2 cores
 
 
 def log(msg: str) -> None:
@@ -269,11 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real", type=Path, help="held-out real shards (default: --data)")
     p.add_argument("--real-split", default="train", help="split of --real scored against")
     p.add_argument("--out", type=Path, default=Path("quality-study"))
-    p.add_argument("--kimg", type=float, default=160.0, help="budget: thousands of images seen")
+    p.add_argument("--kimg", type=float, default=None,
+                   help="budget: thousands of images seen (160; 96 with --quick)")
     p.add_argument("--points", type=int, default=4, help="evaluated budgets (evenly spaced)")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--recipes", default=",".join(RECIPES))
-    p.add_argument("--quick", action="store_true", help=f"recipes {','.join(QUICK)} only")
+    p.add_argument("--quick", action="store_true",
+                   help=f"recipes {','.join(QUICK)} only, 96 kimg unless --kimg")
     p.add_argument("--eval-n", type=int, default=2000, help="generated images per score")
     p.add_argument("--features", default="attributes", choices=["attributes", "inception"])
     p.add_argument("--inception-weights", type=Path, default=None)
@@ -293,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is None:
         p.error("--data is required")
     args.real = args.real or args.data
+    if args.kimg is None:
+        args.kimg = 96.0 if args.quick else 160.0
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from facegan_dist.data.stream import read_manifest
 

@@ -52,8 +52,9 @@ def train_cmd(
     preset: Annotated[
         str | None,
         typer.Option(
-            help="paper-mlp-relu | paper-mlp-leaky | paper-dcgan | paper-final | tutorial | demo | "
-            "wgan-gp | sngan-hinge | cgan. \\[default: tutorial]",
+            help="quality (the measured best: resize-conv G, Adam betas 0,0.99, 2 kimg EMA; "
+            "docs/QUALITY.md) | tutorial | paper-mlp-relu | paper-mlp-leaky | paper-dcgan | "
+            "paper-final | demo | wgan-gp | sngan-hinge | cgan. \\[default: quality]",
             rich_help_panel=DATA,
         ),
     ] = None,

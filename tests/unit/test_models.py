@@ -253,3 +253,22 @@ def test_mbstd_discriminator_sees_the_batch_and_rebuilds_from_meta():
     D2.load_state_dict(D.state_dict())
     _, Dc = build_models("dcgan", resolution=16, d_width=8, mbstd=True, n_cond=3)
     assert Dc(x, torch.ones(4, 3)).shape == (4,)
+
+
+def test_paper_and_tutorial_presets_are_unchanged_and_quality_is_the_default():
+    """The study's winner is added beside the reproductions; it never edits them."""
+    from facegan_dist.config import DEFAULT_PRESET, PRESETS, merge_train_config
+
+    assert PRESETS["tutorial"] == dict(arch="dcgan", loss="ns", lr_g=2e-4, lr_d=2e-4,
+                                       betas_g=(0.5, 0.999), betas_d=(0.5, 0.999), epochs=5,
+                                       batch=128)  # fmt: skip
+    assert PRESETS["paper-final"] == dict(arch="dcgan", loss="minimax", lr_g=1e-4, lr_d=1e-4,
+                                          betas_g=(0.5, 0.999), betas_d=(0.5, 0.999),
+                                          epochs=400, batch=128)  # fmt: skip
+    assert PRESETS["paper-dcgan"] == {**PRESETS["paper-final"], "epochs": 50}
+    assert DEFAULT_PRESET == "quality"
+    cfg = merge_train_config(None, None, {"data": "x"})
+    assert cfg.preset == "quality" and cfg.upsample == "nearest"
+    assert cfg.betas_g == (0.0, 0.99) and cfg.ema_kimg == 2.0
+    tut = merge_train_config("tutorial", None, {"data": "x"})
+    assert tut.upsample == "convtranspose" and tut.betas_g == (0.5, 0.999) and tut.ema_kimg == 10
