@@ -84,14 +84,18 @@ def reset_accelerate() -> None:
 
 def train_recipe(name: str, data: Path, out: Path, seed: int, steps: int, every: int) -> Path:
     """Our trainer on one recipe; checkpoints every `every` steps, all kept."""
-    from facegan_dist.train.loop import resolve_config, train
+    from facegan_dist.train.loop import resolve_config, steps_for_epochs, train
 
     preset, flags = RECIPES[name]
     run_dir = out / "runs" / f"{name}-s{seed}"
     reset_accelerate()
-    cfg, ckpt = resolve_config(preset, None, {**COMMON, **flags, "data": data, "out": run_dir,
-                                              "seed": seed, "max_steps": steps,
-                                              "ckpt_every": every, "keep": 10**6,
+    base = {**COMMON, **flags, "data": data, "out": run_dir, "seed": seed, "keep": 10**6}
+    # Equal REAL images seen: `steps` real batches. With d_steps K (wgan-gp: 5) a G step draws
+    # K batches, with d_every K one batch every K steps (train.loop.steps_for_epochs).
+    probe, _ = resolve_config(preset, None, {**base, "max_steps": 1})
+    g_steps = steps_for_epochs(1.0, steps, probe.d_every, probe.d_steps)
+    g_every = max(1, round(every * g_steps / steps))
+    cfg, ckpt = resolve_config(preset, None, {**base, "max_steps": g_steps, "ckpt_every": g_every,
                                               "resume": "auto"})  # fmt: skip
     train(cfg, resume_from=ckpt)
     return run_dir
@@ -157,12 +161,12 @@ class TrainModeG(torch.nn.Module):
 
 
 def generators(name: str, run_dir: Path, batch: int):
-    """(step, which, G) for every saved point of a run: the EMA and the raw G of our trainer,
+    """(step, kimg, which, G) for every saved point of a run: the EMA and the raw G of our trainer,
     the train-mode G of the baseline."""
     from safetensors.torch import load_file
 
     from facegan_dist.models import build_models
-    from facegan_dist.sampling import load_any_generator
+    from facegan_dist.sampling import CKPT_STATE_NAME, load_any_generator
 
     if name == "baseline":
         for path in sorted((run_dir / "points").glob("step-*.safetensors")):
@@ -170,15 +174,16 @@ def generators(name: str, run_dir: Path, batch: int):
             meta = json.loads((run_dir.parent.parent / "baseline-meta.json").read_text())
             G, _ = build_models("dcgan", resolution=meta["resolution"], g_width=32, d_width=32)
             G.load_state_dict(load_file(str(path)))
-            yield step, "train-mode", TrainModeG(G)
+            yield step, step * COMMON["batch"] / 1000, "train-mode", TrainModeG(G)
         return
     for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
         step = int(ckpt.name.split("-")[1])
+        kimg = json.loads((ckpt / CKPT_STATE_NAME).read_text())["images_seen"] / 1000
         for ema in (True, False):
             G, meta, _ = load_any_generator(ckpt, "cpu", ema=ema)
             if ema and not meta["ema"]:
                 continue
-            yield step, "ema" if ema else "raw", G
+            yield step, kimg, "ema" if ema else "raw", G
 
 
 def make_features(args, device):
@@ -254,8 +259,8 @@ def final_grid(name: str, run_dir: Path, out: Path, batch: int) -> None:
     last = list(generators(name, run_dir, batch))
     if not last:
         return
-    step = max(s for s, _, _ in last)
-    G = next(g for s, w, g in last if s == step and w in ("ema", "train-mode"))
+    step = max(s for s, _, _, _ in last)
+    G = next(g for s, _, w, g in last if s == step and w in ("ema", "train-mode"))
     G.eval()
     if getattr(G, "n_cond", 0):
         return  # a conditional G needs conditions: its grid is in its run folder
@@ -270,13 +275,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real", type=Path, help="held-out real shards (default: --data)")
     p.add_argument("--real-split", default="train", help="split of --real scored against")
     p.add_argument("--out", type=Path, default=Path("quality-study"))
-    p.add_argument("--kimg", type=float, default=None,
-                   help="budget: thousands of images seen (160; 96 with --quick)")
+    p.add_argument(
+        "--kimg",
+        type=float,
+        default=None,
+        help="budget: thousands of images seen (160; 96 with --quick)",
+    )
     p.add_argument("--points", type=int, default=4, help="evaluated budgets (evenly spaced)")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--recipes", default=",".join(RECIPES))
-    p.add_argument("--quick", action="store_true",
-                   help=f"recipes {','.join(QUICK)} only, 96 kimg unless --kimg")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"recipes {','.join(QUICK)} only, 96 kimg unless --kimg",
+    )
     p.add_argument("--eval-n", type=int, default=2000, help="generated images per score")
     p.add_argument("--features", default="attributes", choices=["attributes", "inception"])
     p.add_argument("--inception-weights", type=Path, default=None)
@@ -330,12 +342,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 run_dir = train_recipe(name, args.data, args.out, seed, steps, every)
             t_train = time.perf_counter() - t0
-            for step, which, G in generators(name, run_dir, 64):
+            for step, kimg, which, G in generators(name, run_dir, 64):
                 if (name, seed, step, which) in done:
                     continue
                 res = score(args, G, extractor, 64 if which == "train-mode" else 200)
                 row = {"recipe": name, "seed": seed, "step": step, "which": which,
-                       "kimg": round(step * COMMON["batch"] / 1000, 3), "fid": res["fid"],
+                       "kimg": round(kimg, 3), "fid": res["fid"],
                        "kid": res["kid"], "kid_std": res["kid_std"], "n": res["n"],
                        "n_real": res["n_real"], "train_s": round(t_train, 1)}  # fmt: skip
                 rows.append(row)
