@@ -86,7 +86,8 @@ def train_cmd(
     upsample: Annotated[
         str | None,
         typer.Option(
-            help="DCGAN G upsampling: convtranspose | nearest | bilinear (no checkerboard).",
+            help="DCGAN G upsampling: convtranspose | nearest | bilinear (resize + 3x3 conv, "
+            "no checkerboard). \\[default: nearest (quality); convtranspose (other presets)]",
             rich_help_panel=MODEL,
         ),
     ] = None,
@@ -157,10 +158,19 @@ def train_cmd(
     lr_g: Annotated[float | None, typer.Option(help="Adam lr of G.", rich_help_panel=OBJ)] = None,
     lr_d: Annotated[float | None, typer.Option(help="Adam lr of D.", rich_help_panel=OBJ)] = None,
     betas_g: Annotated[
-        str | None, typer.Option(help="Adam betas of G, e.g. 0.5,0.999.", rich_help_panel=OBJ)
+        str | None,
+        typer.Option(
+            help="Adam betas of G, e.g. 0.5,0.999. \\[default: 0,0.99 (quality); 0.5,0.999 "
+            "(tutorial)]",
+            rich_help_panel=OBJ,
+        ),
     ] = None,
     betas_d: Annotated[
-        str | None, typer.Option(help="Adam betas of D, e.g. 0.5,0.999.", rich_help_panel=OBJ)
+        str | None,
+        typer.Option(
+            help="Adam betas of D, e.g. 0.5,0.999. \\[default: as --betas-g]",
+            rich_help_panel=OBJ,
+        ),
     ] = None,
     batch: Annotated[
         int | None,
@@ -177,7 +187,9 @@ def train_cmd(
     ema_kimg: Annotated[
         float | None,
         typer.Option(
-            help="EMA of G: half-life in kimg (0 = off). \\[default: 10]", rich_help_panel=RUN
+            help="EMA of G: half-life in kimg (0 = off). \\[default: 2 (quality), 10 (other "
+            "presets)]",
+            rich_help_panel=RUN,
         ),
     ] = None,
     ema_rampup: Annotated[

@@ -146,7 +146,7 @@ def test_help_shows_the_defaults_of_auto_flags():
     markup would swallow a bare `[default: ...]` as a style tag, so it must survive rendering."""
     res = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     assert res.exit_code == 0
-    for text in ("[default: 0.3]", "[default: on for CUDA and CPU]", "[default: tutorial]",
+    for text in ("[default: 0.3]", "[default: on for CUDA and CPU]", "[default: quality]",
                  "[default: 2000]"):  # fmt: skip
         assert text in res.stdout, text
     bench = runner.invoke(app, ["bench", "train", "--help"], env={"COLUMNS": "200"})
