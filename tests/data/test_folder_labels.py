@@ -22,6 +22,7 @@ from facegan_dist.config import ShardConfig
 from facegan_dist.data.shards import verify_shards, write_shards
 from facegan_dist.data.stream import ShardStream
 from facegan_dist.errors import ConfigError, DataError
+from tests.cli.test_shard_cli import assert_one_line_error
 
 # Created in this (unsorted) order; the manifest must list them sorted.
 CLASSES = {"zebra": (230, 230, 230), "apple": (200, 30, 30), "moss": (30, 160, 40)}
@@ -68,16 +69,6 @@ def _manifest(out: Path) -> dict:
 
 def _run(*args: object):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def _one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def _epoch(out: Path) -> list[tuple[torch.Tensor, torch.Tensor, str]]:
@@ -129,11 +120,11 @@ def test_cli_shard_and_verify(class_folder, tmp_path):
     assert r.stdout.startswith(f"OK: 5 shards, {3 * PER_CLASS} samples")
 
 
-def test_image_in_the_root_is_a_one_line_error(class_folder, tmp_path):
+def test_image_in_the_root_is_aassert_one_line_error(class_folder, tmp_path):
     src = shutil.copytree(class_folder, tmp_path / "src")
     shutil.copy(src / "apple" / "apple_00.png", src / "loose.png")
     r = _run("shard", src, "--out", tmp_path / "o", "--labels", "subfolders", "--no-progress")
-    _one_line_error(r, str(src / "loose.png"), "class subfolder", "--labels subfolders")
+    assert_one_line_error(r, str(src / "loose.png"), "class subfolder", "--labels subfolders")
     assert not (tmp_path / "o").exists()
     # without --labels the same folder is fine (unlabelled, as always)
     r = _run("shard", src, "--out", tmp_path / "o", "--size", SIZE, "--workers", "1",
@@ -167,10 +158,10 @@ def test_switching_labels_on_an_output_is_refused(class_folder, labelled):
 def test_labels_need_a_plain_folder(synth_kaggle_zip, synth_official_dir, tmp_path):
     for src in (synth_kaggle_zip, synth_official_dir):
         r = _run("shard", src, "--out", tmp_path / "o", "--labels", "subfolders", "--no-progress")
-        _one_line_error(r, "--labels subfolders", "CelebA source", str(src.resolve()))
+        assert_one_line_error(r, "--labels subfolders", "CelebA source", str(src.resolve()))
     assert not (tmp_path / "o").exists()
     r = _run("shard", synth_kaggle_zip, "--out", tmp_path / "o", "--labels", "folders")
-    _one_line_error(r, "--labels 'folders'", "none, subfolders")
+    assert_one_line_error(r, "--labels 'folders'", "none, subfolders")
 
 
 def test_verify_checks_the_attribute_count(labelled, tmp_path):
