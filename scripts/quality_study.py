@@ -160,7 +160,7 @@ class TrainModeG(torch.nn.Module):
 # ---- evaluation ----
 
 
-def generators(name: str, run_dir: Path, batch: int):
+def generators(name: str, run_dir: Path):
     """(step, kimg, which, G) for every saved point of a run: the EMA and the raw G of our trainer,
     the train-mode G of the baseline."""
     from safetensors.torch import load_file
@@ -169,9 +169,9 @@ def generators(name: str, run_dir: Path, batch: int):
     from facegan_dist.sampling import CKPT_STATE_NAME, load_any_generator
 
     if name == "baseline":
+        meta = json.loads((run_dir.parent.parent / "baseline-meta.json").read_text())
         for path in sorted((run_dir / "points").glob("step-*.safetensors")):
             step = int(path.stem.split("-")[1])
-            meta = json.loads((run_dir.parent.parent / "baseline-meta.json").read_text())
             G, _ = build_models("dcgan", resolution=meta["resolution"], g_width=32, d_width=32)
             G.load_state_dict(load_file(str(path)))
             yield step, step * COMMON["batch"] / 1000, "train-mode", TrainModeG(G)
@@ -253,10 +253,10 @@ def summarise(rows: list[dict], recipes: list[str], out: Path) -> str:
     return text
 
 
-def final_grid(name: str, run_dir: Path, out: Path, batch: int) -> None:
+def final_grid(name: str, run_dir: Path, out: Path) -> None:
     from facegan_dist.sampling import grid_uint8, save_png, seed_images
 
-    last = list(generators(name, run_dir, batch))
+    last = list(generators(name, run_dir))
     if not last:
         return
     step = max(s for s, _, _, _ in last)
@@ -310,7 +310,6 @@ def main(argv: list[str] | None = None) -> int:
     args.real = args.real or args.data
     if args.kimg is None:
         args.kimg = 96.0 if args.quick else 160.0
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     from facegan_dist.data.stream import read_manifest
 
     recipes = QUICK if args.quick else [r.strip() for r in args.recipes.split(",") if r.strip()]
@@ -342,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 run_dir = train_recipe(name, args.data, args.out, seed, steps, every)
             t_train = time.perf_counter() - t0
-            for step, kimg, which, G in generators(name, run_dir, 64):
+            for step, kimg, which, G in generators(name, run_dir):
                 if (name, seed, step, which) in done:
                     continue
                 res = score(args, G, extractor, 64 if which == "train-mode" else 200)
@@ -356,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{name} seed {seed} {row['kimg']:g} kimg {which}: FID {res['fid']:.2f} "
                     f"KID {1000 * res['kid']:.2f}e-3")  # fmt: skip
             if seed == seeds[0]:
-                final_grid(name, run_dir, args.out, 64)
+                final_grid(name, run_dir, args.out)
         print(summarise(rows, recipes, args.out), flush=True)
     return 0 if all(math.isfinite(r["fid"]) for r in rows) else 1
 

@@ -33,7 +33,8 @@ def batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 def calibration_settings() -> dict[str, int]:
-    """Recorded in generator.json as `bn_calibration` (and read back by the loaders)."""
+    """Recorded in generator.json as `ema_bn_calibration`; a loader recalibrates an EMA
+    whose meta lacks it."""
     return {
         "images": BN_CALIBRATION_IMAGES,
         "batch": BN_CALIBRATION_BATCH,

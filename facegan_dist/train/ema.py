@@ -24,7 +24,7 @@ class EMA:
     def __init__(self, G: nn.Module, half_life_kimg: float, rampup: float | None = 0.05) -> None:
         self.module = copy.deepcopy(G).eval().requires_grad_(False)
         self.half_life_kimg, self.rampup = half_life_kimg, rampup
-        self._ready_at: int | None = None  # the step whose weights the BN statistics match
+        self._bn_stale = True  # the BN statistics do not (yet) belong to the current weights
 
     def beta(self, batch: int, images_seen: int) -> float:
         half_life = self.half_life_kimg * 1000
@@ -45,14 +45,15 @@ class EMA:
         torch._foreach_lerp_(self._ema_params, self._src_params, 1.0 - beta)
         if self._ema_buffers:
             torch._foreach_copy_(self._ema_buffers, self._src_buffers)
-        self._ready_at = None
+        self._bn_stale = True
 
-    def ready(self, step: int, conds: Tensor | None = None) -> nn.Module:
+    def ready(self, conds: Tensor | None = None) -> nn.Module:
         """The EMA module, in eval mode, with BatchNorm statistics of its own weights
-        (recalibrated at most once per step: grid, evaluation and checkpoint share it)."""
-        if self._ready_at != step:
+        (recalibrated only after the weights changed: grid, evaluation and checkpoint of one
+        step share one calibration)."""
+        if self._bn_stale:
             recalibrate_bn(self.module, conds)
-            self._ready_at = step
+            self._bn_stale = False
         return self.module.eval()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -60,7 +61,7 @@ class EMA:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state)
-        self._ready_at = None
+        self._bn_stale = True
 
 
 def _non_bn_buffers(ema: nn.Module, src: nn.Module) -> tuple[list[Tensor], list[Tensor]]:

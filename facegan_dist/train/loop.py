@@ -417,7 +417,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         statistics of its own weights (`EMA.ready`), else the unwrapped G."""
         if ema is None:
             return G_plain
-        return ema.ready(step, fixed_c if condition else None)
+        return ema.ready(fixed_c if condition else None)
 
     def ckpt_tensors() -> dict[str, dict[str, torch.Tensor]]:
         tensors = {"fixed_noise": {"z": noise}}

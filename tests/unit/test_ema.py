@@ -113,7 +113,7 @@ def test_copied_bn_statistics_do_not_match_the_ema_weights():
 
 def test_ready_ema_bn_statistics_match_its_own_activations():
     ema = drifted_ema(copy_buffers=False)
-    G = ema.ready(step=30)
+    G = ema.ready()
     assert not G.training
     assert bn_mismatch(G) < BN_TOLERANCE
 
@@ -141,9 +141,9 @@ def test_ready_recalibrates_once_per_step_and_after_each_update(monkeypatch):
     monkeypatch.setattr(ema_mod, "recalibrate_bn", lambda m, c=None: calls.append(1))
     G = tiny_g()
     ema = EMA(G, half_life_kimg=1.0)
-    ema.ready(5)
-    ema.ready(5)
+    ema.ready()
+    ema.ready()
     assert len(calls) == 1
     ema.update(G, 64, 640)
-    ema.ready(5)  # the weights changed: same step number, new statistics
+    ema.ready()  # the weights changed: new statistics
     assert len(calls) == 2
