@@ -27,6 +27,7 @@ import os
 import pickle
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,9 @@ def _write_rank0_files(
         cpu = {k: v.detach().cpu().contiguous() for k, v in flat.items()}
         save_file(cpu, str(tmp / f"{name}.safetensors"))
     state = {**state, "tensor_files": sorted(tensors)}
+    # Test hook: hold the half-written folder open so a test can kill -9 mid-write.
+    if delay_s := float(os.environ.get("FACEGAN_TEST_SAVE_DELAY_S", "0")):
+        time.sleep(delay_s)
     atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=2))
     _fsync_dir(tmp)
     os.replace(tmp, final)
