@@ -111,6 +111,20 @@ def dumps(cfg: Any) -> str:
 
 PRECISIONS = ("no", "bf16", "fp16")
 WANDB_MODES = ("online", "offline", "disabled")
+# The choices of the train flags whose implementations import torch (models, losses, augment,
+# metrics). They are listed here, torch-free, so that `facegan --help` starts in milliseconds;
+# tests/cli/test_train_help.py checks each one against the implementing module's own tuple and
+# against what `facegan train --help` prints.
+ARCH_CHOICES = ("mlp", "dcgan")  # models.ARCHS
+ACT_CHOICES = ("relu", "leaky")  # models.mlp.ACTS
+UPSAMPLE_CHOICES = ("convtranspose", "nearest", "bilinear", "nearest-last")  # models.UPSAMPLES
+D_NORM_CHOICES = ("batch", "none", "auto")  # models.D_NORMS + auto
+SPECTRAL_NORM_CHOICES = ("none", "d", "g", "both")  # models.SPECTRAL_NORMS
+LOSS_CHOICES = ("ns", "minimax", "wgan", "wgan-gp", "hinge")  # losses.LOSSES
+AUGMENT_CHOICES = ("color", "translation", "cutout")  # train.augment.POLICIES (a subset)
+EVAL_FEATURES = ("attributes", "inception")  # metrics.FEATURES
+DATA_CACHES = ("none", "device")
+ON_NONFINITE = ("stop", "rollback")
 
 
 @dataclass(frozen=True)
@@ -189,7 +203,10 @@ class TrainConfig:
     n_samples: int = 64  # images in the fixed-noise grid
     ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
     keep: int = 3  # checkpoints kept (oldest deleted)
-    resume: str | None = None  # None | auto (newest complete checkpoint in out) | checkpoint path
+    resume: str | None = None  # None | auto (newest intact checkpoint in out) | checkpoint path
+    # a fresh run into a folder holding a run is refused; restart=True moves that run aside to
+    # OUT.old-<date>-<time> first (nothing is deleted). Never inherited by a resume.
+    restart: bool = False
     wandb_mode: str | None = None  # online | offline | disabled; None = offline without an API key
     wandb_project: str = "facegan"
     run_name: str | None = None  # W&B run name; default the run folder's name
@@ -204,8 +221,8 @@ class TrainConfig:
             raise bad("--data", "is required: a shard folder written by `facegan shard`")
         if self.arch not in ARCHS:
             raise bad("--arch", f"{self.arch!r} must be one of {', '.join(ARCHS)}")
-        if self.act not in ("relu", "leaky"):
-            raise bad("--act", f"{self.act!r} must be relu or leaky")
+        if self.act not in ACT_CHOICES:
+            raise bad("--act", f"{self.act!r} must be one of {', '.join(ACT_CHOICES)}")
         if not 0 <= self.dropout < 1:
             raise bad("--dropout", f"{self.dropout} must be in [0, 1)")
         from facegan_dist.losses import LOSSES
@@ -226,9 +243,12 @@ class TrainConfig:
         if self.upsample not in UPSAMPLES:
             raise bad("--upsample", f"{self.upsample!r} must be one of {', '.join(UPSAMPLES)}")
         if self.d_norm not in (*D_NORMS, "auto"):
-            raise bad("--d-norm", f"{self.d_norm!r} must be one of batch, none, auto")
+            raise bad("--d-norm", f"{self.d_norm!r} must be one of {', '.join(D_NORM_CHOICES)}")
         if self.spectral_norm not in SPECTRAL_NORMS:
-            raise bad("--spectral-norm", f"{self.spectral_norm!r} must be none, d, g or both")
+            raise bad(
+                "--spectral-norm",
+                f"{self.spectral_norm!r} must be one of {', '.join(SPECTRAL_NORMS)}",
+            )
         if self.mbstd and self.arch != "dcgan":
             raise bad("--mbstd", f"is a DCGAN discriminator layer (got --arch {self.arch})")
         if self.r1 < 0:
@@ -261,25 +281,30 @@ class TrainConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise bad("--max-steps", f"{self.max_steps} must be at least 1")
         if self.precision not in PRECISIONS:
-            raise bad("--precision", f"{self.precision!r} must be one of no, bf16, fp16")
+            raise bad("--precision", f"{self.precision!r} must be one of {', '.join(PRECISIONS)}")
         if self.wandb_mode is not None and self.wandb_mode not in WANDB_MODES:
-            raise bad("--wandb-mode", f"{self.wandb_mode!r} must be online, offline or disabled")
+            raise bad(
+                "--wandb-mode", f"{self.wandb_mode!r} must be one of {', '.join(WANDB_MODES)}"
+            )
         if self.split not in SPLITS:
             raise bad("--split", f"{self.split!r} must be one of {', '.join(SPLITS)}")
         if self.eval_every < 0:
             raise bad("--eval-every", f"{self.eval_every} must be >= 0 (0 = off)")
         if self.eval_every and self.eval_n < 2:
             raise bad("--eval-n", f"{self.eval_n} must be at least 2")
-        if self.eval_features not in ("attributes", "inception"):
-            raise bad("--eval-features", f"{self.eval_features!r} must be attributes or inception")
-        if self.on_nonfinite not in ("stop", "rollback"):
-            raise bad("--on-nonfinite", f"{self.on_nonfinite!r} must be stop or rollback")
+        if self.eval_features not in EVAL_FEATURES:
+            raise bad(
+                "--eval-features",
+                f"{self.eval_features!r} must be one of {', '.join(EVAL_FEATURES)}",
+            )
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise bad("--on-nonfinite", f"{self.on_nonfinite!r} must be one of stop, rollback")
         if self.max_rollbacks < 0:
             raise bad("--max-rollbacks", f"{self.max_rollbacks} must be >= 0")
         if not 0 < self.rollback_lr_factor <= 1:
             raise bad("--rollback-lr-factor", f"{self.rollback_lr_factor} must be in (0, 1]")
-        if self.data_cache not in ("none", "device"):
-            raise bad("--data-cache", f"{self.data_cache!r} must be none or device")
+        if self.data_cache not in DATA_CACHES:
+            raise bad("--data-cache", f"{self.data_cache!r} must be one of none, device")
         if self.exact and (self.compile or self.cuda_graphs or self.tf32 or self.precision != "no"):
             raise bad(
                 "--exact", "excludes --compile, --cuda-graphs, --tf32 and --precision bf16/fp16"
@@ -301,6 +326,8 @@ class TrainConfig:
             raise bad("--num-workers", f"{self.num_workers} must be >= 0")
         if self.shuffle_buffer < 1:
             raise bad("--shuffle-buffer", f"{self.shuffle_buffer} must be at least 1")
+        if self.restart and self.resume is not None:
+            raise bad("--restart", f"starts the run over: it cannot go with --resume {self.resume}")
         return self
 
     def fast_settings(self, device_type: str) -> dict[str, bool]:

@@ -6,13 +6,82 @@ and as plain `facegan train ...` (one process: CPU, MPS or one GPU).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from facegan_dist.cli.app import app, errors_to_exit
+from facegan_dist.config import (
+    ACT_CHOICES,
+    ARCH_CHOICES,
+    AUGMENT_CHOICES,
+    D_NORM_CHOICES,
+    DATA_CACHES,
+    DEFAULT_PRESET,
+    EVAL_FEATURES,
+    LOSS_CHOICES,
+    ON_NONFINITE,
+    PRECISIONS,
+    PRESETS,
+    SPECTRAL_NORM_CHOICES,
+    SPLITS,
+    UPSAMPLE_CHOICES,
+    WANDB_MODES,
+    TrainConfig,
+)
+
+# Help texts take choices and defaults from the code (config.py) rather than retyping them, so
+# they cannot drift; tests/cli/test_train_help.py reads the rendered help back.
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, tuple | list):
+        return ",".join(_show(x) for x in v)
+    return str(v) or "none"
+
+
+def _choices(values: Iterable[str]) -> str:
+    return " | ".join(values)
+
+
+def _presets(names: list[str]) -> str:
+    paper = [p for p in PRESETS if p.startswith("paper-")]
+    if paper and all(p in names for p in paper):  # all four paper presets: paper-*
+        names = [n for n in names if n not in paper[1:]]
+        names = ["paper-*" if n == paper[0] else n for n in names]
+    return ", ".join(names)
+
+
+def _default(name: str, none: str = "none") -> str:
+    """`[default: ...]` for TrainConfig field `name`: the default preset's value and, where other
+    presets set another one, theirs (`none` names a None value). Escaped for rich markup."""
+
+    def text(p: str) -> str:
+        v = PRESETS[p].get(name, _FIELD_DEFAULTS[name])
+        return none if v is None else _show(v)
+
+    base = text(DEFAULT_PRESET)
+    others: dict[str, list[str]] = {}
+    for p in PRESETS:
+        if text(p) != base:
+            others.setdefault(text(p), []).append(p)
+    if not others:
+        return f"\\[default: {base}]"
+    rest = [p for p in PRESETS if p != DEFAULT_PRESET]
+    if len(others) == 1 and list(others.values())[0] == rest:
+        return f"\\[default: {base} ({DEFAULT_PRESET}); {list(others)[0]} (other presets)]"
+    parts = [base] + [f"{v} with --preset {_presets(ps)}" for v, ps in others.items()]
+    return "\\[default: " + "; ".join(parts) + "]"
+
 
 DATA = "Data and output"
 MODEL = "Model"
@@ -44,17 +113,24 @@ def train_cmd(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option(help="Run folder. \\[default: runs/<preset>]", rich_help_panel=DATA),
+        typer.Option(
+            help="Run folder. A fresh run refuses one that holds a run: continue it with "
+            "--resume auto, or see --restart. \\[default: runs/<preset>]",
+            rich_help_panel=DATA,
+        ),
     ] = None,
     split: Annotated[
-        str | None, typer.Option(help="Shard split: train|val|test|all.", rich_help_panel=DATA)
+        str | None,
+        typer.Option(
+            help=f"Shard split: {_choices(SPLITS)}. {_default('split')}", rich_help_panel=DATA
+        ),
     ] = None,
     preset: Annotated[
         str | None,
         typer.Option(
-            help="quality (the measured best: resize-conv G, Adam betas 0,0.99, 2 kimg EMA; "
-            "docs/QUALITY.md) | tutorial | paper-mlp-relu | paper-mlp-leaky | paper-dcgan | "
-            "paper-final | demo | wgan-gp | sngan-hinge | cgan. \\[default: quality]",
+            help=f"{_choices(PRESETS)}. quality: the measured best (resize-conv G, Adam betas "
+            "0,0.99, 2 kimg EMA; docs/QUALITY.md). Options marked 'with --preset' take their "
+            f"default from it. \\[default: {DEFAULT_PRESET}]",
             rich_help_panel=DATA,
         ),
     ] = None,
@@ -66,35 +142,46 @@ def train_cmd(
             rich_help_panel=DATA,
         ),
     ] = None,
-    arch: Annotated[str | None, typer.Option(help="mlp | dcgan.", rich_help_panel=MODEL)] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option(help=f"{_choices(ARCH_CHOICES)}. {_default('arch')}", rich_help_panel=MODEL),
+    ] = None,
     act: Annotated[
         str | None,
-        typer.Option(help="MLP activation: relu (paper T1) | leaky (T2).", rich_help_panel=MODEL),
+        typer.Option(
+            help=f"MLP activation: {_choices(ACT_CHOICES)} (paper T1 | T2). {_default('act')}",
+            rich_help_panel=MODEL,
+        ),
     ] = None,
     dropout: Annotated[
-        float | None, typer.Option(help="MLP dropout. \\[default: 0.3]", rich_help_panel=MODEL)
+        float | None,
+        typer.Option(help=f"MLP dropout. {_default('dropout')}", rich_help_panel=MODEL),
     ] = None,
     z_dim: Annotated[
-        int | None, typer.Option(help="Latent size. \\[default: 100]", rich_help_panel=MODEL)
+        int | None, typer.Option(help=f"Latent size. {_default('z_dim')}", rich_help_panel=MODEL)
     ] = None,
     g_width: Annotated[
-        int | None, typer.Option(help="DCGAN G width. \\[default: 64]", rich_help_panel=MODEL)
+        int | None,
+        typer.Option(help=f"DCGAN G width. {_default('g_width')}", rich_help_panel=MODEL),
     ] = None,
     d_width: Annotated[
-        int | None, typer.Option(help="DCGAN D width. \\[default: 64]", rich_help_panel=MODEL)
+        int | None,
+        typer.Option(help=f"DCGAN D width. {_default('d_width')}", rich_help_panel=MODEL),
     ] = None,
     upsample: Annotated[
         str | None,
         typer.Option(
-            help="DCGAN G upsampling: convtranspose | nearest | bilinear (resize + 3x3 conv, "
-            "no checkerboard). \\[default: nearest (quality); convtranspose (other presets)]",
+            help=f"DCGAN G upsampling: {_choices(UPSAMPLE_CHOICES)} (nearest, bilinear: resize "
+            "+ 3x3 conv, no checkerboard; nearest-last: resize-conv for the RGB layer only). "
+            f"{_default('upsample')}",
             rich_help_panel=MODEL,
         ),
     ] = None,
     d_norm: Annotated[
         str | None,
         typer.Option(
-            help="DCGAN D norm: batch | none | auto (none for wgan-gp / SN D).",
+            help=f"DCGAN D norm: {_choices(D_NORM_CHOICES)} (auto: none for wgan-gp or a "
+            f"spectral-norm D, else batch). {_default('d_norm')}",
             rich_help_panel=MODEL,
         ),
     ] = None,
@@ -103,126 +190,159 @@ def train_cmd(
         typer.Option(
             "--mbstd/--no-mbstd",
             help="DCGAN D: minibatch standard deviation channel before its last layer "
-            "(ProGAN); shows D a batch's variety. \\[default: off]",
+            f"(ProGAN); shows D a batch's variety. {_default('mbstd')}",
             rich_help_panel=MODEL,
         ),
     ] = None,
     spectral_norm: Annotated[
         str | None,
-        typer.Option(help="Spectral normalisation: none | d | g | both.", rich_help_panel=MODEL),
+        typer.Option(
+            help=f"Spectral normalisation of: {_choices(SPECTRAL_NORM_CHOICES)}. "
+            f"{_default('spectral_norm')}",
+            rich_help_panel=MODEL,
+        ),
     ] = None,
     condition: Annotated[
         str | None,
         typer.Option(
-            help="Conditional GAN on shard attributes: all | Smiling,Male,...",
+            help="Conditional GAN on shard attributes: all, or names like Smiling,Male. "
+            f"{_default('condition', none='off')}",
             rich_help_panel=MODEL,
         ),
     ] = None,
     loss: Annotated[
         str | None,
         typer.Option(
-            help="ns (non-saturating) | minimax (the paper's). \\[default: ns]", rich_help_panel=OBJ
+            help=f"{_choices(LOSS_CHOICES)}: ns = non-saturating, minimax = the paper's "
+            "log(1 - D(G(z))), wgan = weight clipping (--clip), wgan-gp = gradient penalty "
+            f"(--gp-lambda), hinge = SNGAN's. {_default('loss')}",
+            rich_help_panel=OBJ,
         ),
     ] = None,
     gp_lambda: Annotated[
         float | None,
-        typer.Option(help="wgan-gp penalty weight. \\[default: 10]", rich_help_panel=OBJ),
+        typer.Option(help=f"wgan-gp penalty weight. {_default('gp_lambda')}", rich_help_panel=OBJ),
     ] = None,
     clip: Annotated[
         float | None,
-        typer.Option(help="wgan weight clipping. \\[default: 0.01]", rich_help_panel=OBJ),
+        typer.Option(help=f"wgan weight clipping. {_default('clip')}", rich_help_panel=OBJ),
     ] = None,
     r1: Annotated[
         float | None,
         typer.Option(
-            help="R1 gamma on real data, lazy every 16 D steps (0 = off).", rich_help_panel=OBJ
+            help=f"R1 gamma on real data, lazy every 16 D steps (0 = off). {_default('r1')}",
+            rich_help_panel=OBJ,
         ),
     ] = None,
     augment: Annotated[
         str | None,
         typer.Option(
-            help="DiffAugment policy: color,translation,cutout (or a subset; none).",
+            help=f"DiffAugment policy: a comma-separated subset of {_choices(AUGMENT_CHOICES)}, "
+            f"or none. {_default('augment')}",
             rich_help_panel=OBJ,
         ),
     ] = None,
     d_every: Annotated[
         int | None,
         typer.Option(
-            help="Update D on one step in K (the paper's 'D critiques every 5').",
+            help="Update D on one step in K (the paper's 'D critiques every 5'). "
+            f"{_default('d_every')}",
             rich_help_panel=OBJ,
         ),
     ] = None,
     d_steps: Annotated[
-        int | None, typer.Option(help="D updates per G update.", rich_help_panel=OBJ)
+        int | None,
+        typer.Option(
+            help="D updates per G update. \\[default: 1; 5 with --loss wgan or wgan-gp]",
+            rich_help_panel=OBJ,
+        ),
     ] = None,
-    lr_g: Annotated[float | None, typer.Option(help="Adam lr of G.", rich_help_panel=OBJ)] = None,
-    lr_d: Annotated[float | None, typer.Option(help="Adam lr of D.", rich_help_panel=OBJ)] = None,
+    lr_g: Annotated[
+        float | None, typer.Option(help=f"Adam lr of G. {_default('lr_g')}", rich_help_panel=OBJ)
+    ] = None,
+    lr_d: Annotated[
+        float | None, typer.Option(help=f"Adam lr of D. {_default('lr_d')}", rich_help_panel=OBJ)
+    ] = None,
     betas_g: Annotated[
         str | None,
         typer.Option(
-            help="Adam betas of G, e.g. 0.5,0.999. \\[default: 0,0.99 (quality); 0.5,0.999 "
-            "(tutorial)]",
-            rich_help_panel=OBJ,
+            help=f"Adam betas of G, e.g. 0.5,0.999. {_default('betas_g')}", rich_help_panel=OBJ
         ),
     ] = None,
     betas_d: Annotated[
         str | None,
         typer.Option(
-            help="Adam betas of D, e.g. 0.5,0.999. \\[default: as --betas-g]",
-            rich_help_panel=OBJ,
+            help=f"Adam betas of D, e.g. 0.5,0.999. {_default('betas_d')}", rich_help_panel=OBJ
         ),
     ] = None,
     batch: Annotated[
         int | None,
         typer.Option(
-            help="GLOBAL batch; each process gets batch / processes.", rich_help_panel=RUN
+            help=f"GLOBAL batch; each process gets batch / processes. {_default('batch')}",
+            rich_help_panel=RUN,
         ),
     ] = None,
     epochs: Annotated[
-        float | None, typer.Option(help="Passes over the split.", rich_help_panel=RUN)
+        float | None,
+        typer.Option(
+            help=f"Passes over the split. {_default('epochs', none='off (--max-steps)')}",
+            rich_help_panel=RUN,
+        ),
     ] = None,
     max_steps: Annotated[
-        int | None, typer.Option(help="G updates; overrides --epochs.", rich_help_panel=RUN)
+        int | None,
+        typer.Option(
+            help="G updates; overrides --epochs. "
+            f"{_default('max_steps', none='none (from --epochs)')}",
+            rich_help_panel=RUN,
+        ),
     ] = None,
     ema_kimg: Annotated[
         float | None,
         typer.Option(
-            help="EMA of G: half-life in kimg (0 = off). \\[default: 2 (quality), 10 (other "
-            "presets)]",
+            help=f"EMA of G: half-life in kimg (0 = off). {_default('ema_kimg')}",
             rich_help_panel=RUN,
         ),
     ] = None,
     ema_rampup: Annotated[
         float | None,
         typer.Option(
-            help="EMA ramp-up: half-life <= this x images seen. \\[default: 0.05]",
+            help="EMA ramp-up: half-life <= this x images seen. "
+            f"{_default('ema_rampup', none='off')}",
             rich_help_panel=RUN,
         ),
     ] = None,
     precision: Annotated[
-        str | None, typer.Option(help="no | bf16 | fp16 (fp16: GPU only).", rich_help_panel=RUN)
+        str | None,
+        typer.Option(
+            help=f"{_choices(PRECISIONS)} (fp16: GPU only). {_default('precision')}",
+            rich_help_panel=RUN,
+        ),
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(help="Seed. \\[default: 0]", rich_help_panel=RUN)
+        int | None, typer.Option(help=f"Seed. {_default('seed')}", rich_help_panel=RUN)
     ] = None,
     sync_bn: Annotated[
         bool | None,
         typer.Option(
-            "--sync-bn/--no-sync-bn", help="SyncBatchNorm under DDP (CUDA).", rich_help_panel=RUN
+            "--sync-bn/--no-sync-bn",
+            help=f"SyncBatchNorm under DDP (CUDA). {_default('sync_bn')}",
+            rich_help_panel=RUN,
         ),
     ] = None,
     deterministic: Annotated[
         bool | None,
         typer.Option(
             "--deterministic/--no-deterministic",
-            help="Deterministic torch kernels.",
+            help=f"Deterministic torch kernels. {_default('deterministic')}",
             rich_help_panel=RUN,
         ),
     ] = None,
     data_cache: Annotated[
         str | None,
         typer.Option(
-            help="none (stream) | device (decode the split once into GPU memory).",
+            help=f"{_choices(DATA_CACHES)}: none streams the shards; device decodes the split "
+            f"once into GPU memory. {_default('data_cache')}",
             rich_help_panel=RUN,
         ),
     ] = None,
@@ -230,20 +350,25 @@ def train_cmd(
         bool | None,
         typer.Option(
             "--hflip/--no-hflip",
-            help="Random horizontal flips of real images.",
+            help=f"Random horizontal flips of real images. {_default('hflip')}",
             rich_help_panel=RUN,
         ),
     ] = None,
     compile: Annotated[
         bool | None,
-        typer.Option("--compile/--no-compile", help="torch.compile G and D.", rich_help_panel=RUN),
+        typer.Option(
+            "--compile/--no-compile",
+            help=f"torch.compile G and D. {_default('compile')}",
+            rich_help_panel=RUN,
+        ),
     ] = None,
     cuda_graphs: Annotated[
         bool | None,
         typer.Option(
             "--cuda-graphs/--no-cuda-graphs",
             help="Replay the whole step as one CUDA graph (one CUDA device; one D step per G "
-            "step, no penalty/augmentation; not with --compile or fp16). Experimental.",
+            "step, no penalty/augmentation; not with --compile or fp16). Experimental. "
+            f"{_default('cuda_graphs')}",
             rich_help_panel=RUN,
         ),
     ] = None,
@@ -273,37 +398,43 @@ def train_cmd(
         bool | None,
         typer.Option(
             "--exact/--no-exact",
-            help="Bit-reproducible: deterministic, no fast paths.",
+            help=f"Bit-reproducible: deterministic, no fast paths. {_default('exact')}",
             rich_help_panel=RUN,
         ),
     ] = None,
     num_workers: Annotated[
         int | None,
         typer.Option(
-            help="Loader workers per process. \\[default: 2; on CUDA min(8, CPUs per process - 1)]",
+            help="Loader workers per process. "
+            + _default("num_workers", none="2, on CUDA min(8, CPUs per process - 1)"),
             rich_help_panel=RUN,
         ),
     ] = None,
     shuffle_buffer: Annotated[
-        int | None, typer.Option(help="Shuffle buffer per loader worker.", rich_help_panel=RUN)
+        int | None,
+        typer.Option(
+            help=f"Shuffle buffer per loader worker. {_default('shuffle_buffer')}",
+            rich_help_panel=RUN,
+        ),
     ] = None,
     eval_every: Annotated[
         int | None,
         typer.Option(
-            help="Steps between FID/KID evaluations (0 = off); the best G goes to RUN/best/.",
+            help="Steps between FID/KID evaluations (0 = off); the best G goes to RUN/best/. "
+            f"{_default('eval_every')}",
             rich_help_panel=LOG,
         ),
     ] = None,
     eval_n: Annotated[
         int | None,
-        typer.Option(help="Images per evaluation. \\[default: 2000]", rich_help_panel=LOG),
+        typer.Option(help=f"Images per evaluation. {_default('eval_n')}", rich_help_panel=LOG),
     ] = None,
     eval_features: Annotated[
         str | None,
         typer.Option(
-            help="attributes (offline: the shards' label classifier) | inception (the "
-            "standard TF-FID network; needs its weights file, see --inception-weights). "
-            "\\[default: attributes]",
+            help=f"{_choices(EVAL_FEATURES)}: attributes = the shards' label classifier "
+            "(offline); inception = the standard TF-FID network (needs its weights file, see "
+            f"--inception-weights). {_default('eval_features')}",
             rich_help_panel=LOG,
         ),
     ] = None,
@@ -318,58 +449,88 @@ def train_cmd(
     on_nonfinite: Annotated[
         str | None,
         typer.Option(
-            help="On a NaN/inf loss: stop | rollback (to the last checkpoint, lrs "
-            "lowered). \\[default: stop]",
+            help=f"On a NaN/inf loss: {_choices(ON_NONFINITE)} (rollback: to the last "
+            f"checkpoint, lrs lowered). {_default('on_nonfinite')}",
             rich_help_panel=LOG,
         ),
     ] = None,
     max_rollbacks: Annotated[
         int | None,
-        typer.Option(help="Rollbacks before giving up. \\[default: 3]", rich_help_panel=LOG),
+        typer.Option(
+            help=f"Rollbacks before giving up. {_default('max_rollbacks')}", rich_help_panel=LOG
+        ),
     ] = None,
     rollback_lr_factor: Annotated[
         float | None,
-        typer.Option(help="lr multiplier per rollback. \\[default: 0.5]", rich_help_panel=LOG),
+        typer.Option(
+            help=f"lr multiplier per rollback. {_default('rollback_lr_factor')}",
+            rich_help_panel=LOG,
+        ),
     ] = None,
     skip_bad_samples: Annotated[
         bool | None,
         typer.Option(
             "--skip-bad-samples/--no-skip-bad-samples",
-            help="Replace undecodable images (counted, logged) instead of stopping.",
+            help="Replace undecodable images (counted, logged) instead of stopping. "
+            f"{_default('skip_bad_samples')}",
             rich_help_panel=LOG,
         ),
     ] = None,
     log_every: Annotated[
-        int | None, typer.Option(help="Steps between metric rows.", rich_help_panel=LOG)
+        int | None,
+        typer.Option(
+            help=f"Steps between metric rows. {_default('log_every')}", rich_help_panel=LOG
+        ),
     ] = None,
     sample_every: Annotated[
-        int | None, typer.Option(help="Steps between fixed-noise grids.", rich_help_panel=LOG)
+        int | None,
+        typer.Option(
+            help=f"Steps between fixed-noise grids. {_default('sample_every')}", rich_help_panel=LOG
+        ),
     ] = None,
     n_samples: Annotated[
-        int | None, typer.Option(help="Images in the fixed-noise grid.", rich_help_panel=LOG)
+        int | None,
+        typer.Option(
+            help=f"Images in the fixed-noise grid. {_default('n_samples')}", rich_help_panel=LOG
+        ),
     ] = None,
     ckpt_every: Annotated[
-        int | None, typer.Option(help="Steps between checkpoints.", rich_help_panel=LOG)
+        int | None,
+        typer.Option(
+            help=f"Steps between checkpoints. {_default('ckpt_every')}", rich_help_panel=LOG
+        ),
     ] = None,
     keep: Annotated[
-        int | None, typer.Option(help="Checkpoints to keep.", rich_help_panel=LOG)
+        int | None,
+        typer.Option(help=f"Checkpoints to keep. {_default('keep')}", rich_help_panel=LOG),
     ] = None,
     resume: Annotated[
         str | None,
         typer.Option(
-            help="auto (newest complete checkpoint in --out) or a checkpoint folder.",
+            help="auto (the newest intact checkpoint in --out; a damaged newer one is skipped "
+            "with a warning and kept) or a checkpoint folder. \\[default: none: a fresh run]",
             rich_help_panel=LOG,
         ),
     ] = None,
+    restart: Annotated[
+        bool,
+        typer.Option(
+            "--restart",
+            help="Start over in an --out that holds a run: its files are first MOVED to "
+            "OUT.old-<date>-<time> beside it (nothing is deleted). Not with --resume.",
+            rich_help_panel=LOG,
+        ),
+    ] = False,
     wandb_mode: Annotated[
         str | None,
         typer.Option(
-            help="online | offline | disabled. \\[default: offline without an API key]",
+            help=f"{_choices(WANDB_MODES)}. \\[default: offline without an API key]",
             rich_help_panel=LOG,
         ),
     ] = None,
     wandb_project: Annotated[
-        str | None, typer.Option(help="W&B project. \\[default: facegan]", rich_help_panel=LOG)
+        str | None,
+        typer.Option(help=f"W&B project. {_default('wandb_project')}", rich_help_panel=LOG),
     ] = None,
     run_name: Annotated[
         str | None,
@@ -391,7 +552,12 @@ def train_cmd(
       facegan train --out runs/demo --resume auto --max-steps 2000
     """
     from facegan_dist.config import dumps
-    from facegan_dist.train.loop import read_data_manifest, resolve_config, train
+    from facegan_dist.train.loop import (
+        check_run_folder,
+        read_data_manifest,
+        resolve_config,
+        train,
+    )
 
     flags = dict(
         data=data, out=out, split=split, arch=arch, act=act, dropout=dropout, z_dim=z_dim,
@@ -411,7 +577,7 @@ def train_cmd(
         rollback_lr_factor=rollback_lr_factor, skip_bad_samples=skip_bad_samples,
         log_every=log_every, sample_every=sample_every, n_samples=n_samples,
         ckpt_every=ckpt_every, keep=keep, resume=resume, wandb_mode=wandb_mode,
-        wandb_project=wandb_project, run_name=run_name,
+        wandb_project=wandb_project, run_name=run_name, restart=restart or None,
     )  # fmt: skip
     if preset is not None:
         flags["preset"] = preset
@@ -419,6 +585,7 @@ def train_cmd(
         cfg, ckpt = resolve_config(preset, config, flags)
         if dry_run:
             read_data_manifest(cfg)  # a dry run still checks that the data is there
+            check_run_folder(cfg, ckpt)  # and whether --out would be refused
             print(dumps(cfg))
             if ckpt is not None:
                 print(f"# would resume from {ckpt}", file=sys.stderr)

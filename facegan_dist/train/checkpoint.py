@@ -28,6 +28,7 @@ import pickle
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,18 +57,153 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_CKPT_RE.match(p.name).group(1)))
 
 
-def find_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """--resume auto -> newest complete checkpoint in run_dir (None when there is none);
-    --resume PATH -> that checkpoint (CheckpointError when it is not a complete one)."""
+# What a training run writes into its folder. A fresh run refuses a folder holding any of them
+# (it would mix two runs); `--restart` moves them aside together, deleting nothing.
+RUN_ENTRIES = ("checkpoints", "export", "best", "samples", "wandb", "metrics.jsonl", "run.json",
+               "config.json")  # fmt: skip
+
+
+def run_entries(run_dir: Path) -> list[str]:
+    """The RUN_ENTRIES present in run_dir (empty for a new or an unrelated folder)."""
+    return [n for n in RUN_ENTRIES if (run_dir / n).exists() or (run_dir / n).is_symlink()]
+
+
+def aside_name(run_dir: Path) -> str:
+    """How `--restart` names the folder it moves a run to (for messages and help)."""
+    return f"{run_dir}.old-<date>-<time>"
+
+
+def move_run_aside(run_dir: Path) -> Path | None:
+    """`--restart`: move the run in run_dir (its RUN_ENTRIES; anything else stays) into a new
+    sibling folder `<run_dir>.old-YYYYmmdd-HHMMSS` and return it (None when there was no run).
+    Renames only, within one filesystem; on a failure the moved entries go back, so the run is
+    either fully moved or untouched (CheckpointError naming both folders)."""
+    entries = run_entries(run_dir)
+    if not entries:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = run_dir.resolve()
+    dest = base.with_name(f"{base.name}.old-{stamp}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = base.with_name(f"{base.name}.old-{stamp}-{n}")
+    moved: list[str] = []
+    try:
+        dest.mkdir()
+        for name in entries:
+            os.replace(run_dir / name, dest / name)
+            moved.append(name)
+    except OSError as exc:
+        for name in reversed(moved):
+            os.replace(dest / name, run_dir / name)
+        if dest.is_dir() and not any(dest.iterdir()):
+            dest.rmdir()
+        why = exc.strerror or type(exc).__name__
+        raise CheckpointError(
+            f"--restart: cannot move the run in {run_dir} to {dest} ({why}); nothing was moved"
+        ) from None
+    _fsync_dir(base.parent)
+    return dest
+
+
+def find_resume(
+    run_dir: Path, resume: str | None, warn: Callable[[str], None] | None = None
+) -> Path | None:
+    """--resume auto -> the newest INTACT checkpoint in run_dir (None when there is none);
+    --resume PATH -> that checkpoint. Both check every file first (`check_files`), so a damaged
+    checkpoint is one line naming the file before any work.
+
+    auto skips a damaged newest checkpoint for the next older intact one: `warn` gets one line
+    naming the skipped one, which stays on disk. A file refused as untrusted, or no intact
+    checkpoint at all, is a CheckpointError; so is any problem with an explicit PATH."""
     if resume is None:
         return None
     if resume == "auto":
         found = list_checkpoints(run_dir / "checkpoints")
-        return found[-1] if found else None
+        skipped: list[tuple[Path, str]] = []
+        for ckpt in reversed(found):
+            problem = check_files(ckpt)
+            if problem is None:
+                for bad, why in skipped:
+                    if warn is not None:
+                        warn(
+                            f"warning: --resume auto: skipped the damaged checkpoint {bad} "
+                            f"({why}); it stays on disk; resuming from {ckpt.name}"
+                        )
+                return ckpt
+            why, untrusted = problem
+            if untrusted:  # someone else's file, not a damaged one of ours: stop here
+                raise CheckpointError(why)
+            skipped.append((ckpt, why))
+        if skipped:
+            raise CheckpointError(
+                f"--resume auto: no intact checkpoint in {run_dir / 'checkpoints'} (newest: "
+                f"{skipped[0][1]}); resume an older copy with --resume PATH, or start over with "
+                "--restart instead of --resume"
+            )
+        return None
     path = Path(resume)
     if not (path / STATE_NAME).is_file():
         raise CheckpointError(f"--resume {resume}: not a complete checkpoint (no {STATE_NAME})")
+    problem = check_files(path)
+    if problem is not None:
+        why, untrusted = problem
+        raise CheckpointError(why if untrusted else f"--resume {resume}: {why}")
     return path
+
+
+# The files `accelerator.save_state` writes for our two models and two optimizers (the GradScaler
+# `scaler.pt` only under fp16, one `random_states_<rank>.pkl` per rank).
+_REQUIRED = ("model.safetensors", "model_1.safetensors", "optimizer.bin", "optimizer_1.bin")
+
+
+def check_files(ckpt: Path) -> tuple[str, bool] | None:
+    """The first problem with checkpoint `ckpt`, or None when every file reads back.
+
+    Returns (one line naming the file, untrusted): untrusted=True for a file refused unopened
+    or by `torch.load(weights_only=True)` (it would run code); False for a damaged one (missing,
+    empty, truncated, unparsable). Reads everything, on the CPU, with nothing that runs code."""
+    from accelerate.utils.other import load as accelerate_load
+    from safetensors.torch import load_file
+
+    try:
+        state = read_state(ckpt)
+    except CheckpointError as exc:
+        return str(exc), False
+    custom = sorted(ckpt.glob("custom_checkpoint_*.pkl"))
+    if custom:
+        return _custom_refusal(ckpt / custom[0].name), True
+    tensor_files = [f"{name}.safetensors" for name in state.get("tensor_files", [])]
+    for name in (*_REQUIRED, *tensor_files):
+        if not (ckpt / name).is_file():
+            return f"{ckpt / name}: missing (damaged checkpoint)", False
+    for path in sorted(ckpt.iterdir()):
+        if path.name == STATE_NAME or path.suffix not in (".safetensors", ".bin", ".pt", ".pkl"):
+            continue
+        try:
+            if path.stat().st_size == 0:
+                return f"{path}: empty file (damaged checkpoint)", False
+            if path.suffix == ".safetensors":
+                load_file(str(path))
+                continue
+            data = accelerate_load(path, map_location="cpu")
+        except pickle.UnpicklingError:
+            return f"{path}: {_REFUSED}", True
+        except Exception as exc:  # truncated, garbage, unreadable: the file is damaged
+            return f"{path}: unreadable (damaged checkpoint: {_first_line(exc)})", False
+        if path.name.startswith("random_states_") and not (
+            isinstance(data, dict) and "torch_manual_seed" in data
+        ):
+            return f"{path}: not an RNG state file (damaged checkpoint)", False
+    return None
+
+
+def _custom_refusal(path: Path) -> str:
+    return (
+        f"{path}: refused: this trainer writes no custom_checkpoint_*.pkl, and accelerate would "
+        "unpickle it with weights_only=False (code could run); remove it"
+    )
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
@@ -250,20 +386,6 @@ def _check_rng_file(acc, ckpt: Path) -> str | None:
     return None
 
 
-def _unpicklable_file(ckpt: Path) -> Path | None:
-    """After a failed load: the first pickled file that torch.load(weights_only=True) refuses."""
-    from accelerate.utils.other import load as accelerate_load
-
-    for path in sorted(ckpt.glob("*.bin")) + sorted(ckpt.glob("*.pt")):
-        try:
-            accelerate_load(path, map_location="cpu")
-        except pickle.UnpicklingError:
-            return path
-        except Exception:
-            continue
-    return None
-
-
 def load(acc, ckpt: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """Restore models/optimizers/scaler/RNG via Accelerate; return (trainer state, tensor files).
 
@@ -284,10 +406,7 @@ def load(acc, ckpt: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Ten
         )
     custom = sorted(p.name for p in ckpt.glob("custom_checkpoint_*.pkl"))
     if custom:  # never written by this trainer: refused before accelerate looks at them
-        raise CheckpointError(
-            f"{ckpt / custom[0]}: refused: this trainer writes no custom_checkpoint_*.pkl, and "
-            "accelerate would unpickle it with weights_only=False (code could run); remove it"
-        )
+        raise CheckpointError(_custom_refusal(ckpt / custom[0]))
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     problem = _check_rng_file(acc, ckpt)
     if problem is None:
@@ -298,10 +417,13 @@ def load(acc, ckpt: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Ten
                 for name in state.get("tensor_files", [])
             }
         except (*_LOAD_ERRORS, SafetensorError) as exc:
-            if isinstance(exc, pickle.UnpicklingError):
-                bad = _unpicklable_file(ckpt)
-                where = bad if bad is not None else ckpt
-                problem = f"{where}: {_REFUSED}"
+            # name the file when one is damaged or refused (an empty optimizer.bin is an
+            # EOFError without a message otherwise)
+            bad = check_files(ckpt)
+            if bad is not None:
+                problem = bad[0]
+            elif isinstance(exc, pickle.UnpicklingError):
+                problem = f"{ckpt}: {_REFUSED}"
             else:
                 problem = f"{ckpt}: cannot load checkpoint: {_first_line(exc)}"
     if acc.num_processes > 1:

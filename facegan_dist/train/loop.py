@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,13 @@ from facegan_dist.config import (
     to_jsonable,
     train_config_from_json,
 )
-from facegan_dist.errors import CheckpointError, ConfigError, DataError, TrainingError
+from facegan_dist.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    FaceganError,
+    TrainingError,
+)
 from facegan_dist.export import atomic_write_text, export_generator, generator_meta
 from facegan_dist.models.bn import batchnorms, calibration_settings
 from facegan_dist.sampling import fixed_noise, grid_uint8
@@ -49,17 +57,117 @@ def resolve_config(
 
     When resuming, the config saved in the checkpoint is the base and only what this command line
     states explicitly (preset, --config file, flags) overrides it, e.g. a larger --max-steps.
+    `--resume auto` skips a damaged newest checkpoint for an older intact one, with a warning.
     """
     cfg = merge_train_config(preset, config_file, flags)
-    ckpt = checkpoint.find_resume(cfg.run_dir, cfg.resume)
+    if cfg.restart and cfg.resume is not None:
+        cfg.validate()  # the one-line refusal of --restart with --resume
+    ckpt = checkpoint.find_resume(cfg.run_dir, cfg.resume, warn=_print_rank0)
     if ckpt is None:
         if cfg.resume not in (None, "auto"):
             raise CheckpointError(f"--resume {cfg.resume}: not found")
         return cfg.validate(), None
     saved = train_config_from_json(checkpoint.read_state(ckpt).get("config", {}))
     saved.pop("resume", None)
+    saved.pop("restart", None)  # an action of the command that started the run, not a setting
     cfg = merge_train_config(preset, config_file, flags, base=saved)
     return cfg.validate(), ckpt
+
+
+def _print_rank0(line: str) -> None:
+    """A warning from before the Accelerator exists: printed by the launcher's rank 0 only (the
+    RANK rule of `dist.error_line`), so N processes print it once."""
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(line, file=sys.stderr, flush=True)
+
+
+def check_run_folder(cfg: TrainConfig, resume_from: Path | None) -> None:
+    """A fresh run never writes into a folder holding another run: two runs' metrics, exports
+    and checkpoints would mix (and --resume auto would later pick the old run's checkpoint).
+    Read-only; `--restart` moves the old run aside later, on rank 0 (`move_run_aside`).
+
+    `--resume auto` without any checkpoint starts fresh over the leftovers of a run that never
+    checkpointed (its metrics rows are dropped), but not over a finished run's export."""
+    run_dir = cfg.run_dir
+    if resume_from is not None or cfg.restart:
+        return
+    entries = checkpoint.run_entries(run_dir)
+    if cfg.resume == "auto":
+        finished = [e for e in entries if e in ("export", "best")]
+        if finished:
+            raise ConfigError(
+                f"--out {run_dir} holds a finished run ({', '.join(e + '/' for e in finished)}) "
+                "but no checkpoint to resume: start over with --restart (moves it to "
+                f"{checkpoint.aside_name(run_dir)}), or pick a new --out"
+            )
+        return
+    if entries:
+        listing = ", ".join(e + "/" if (run_dir / e).is_dir() else e for e in entries)
+        raise ConfigError(
+            f"--out {run_dir} already holds a run ({listing}): continue it with --resume auto, "
+            f"start over with --restart (moves it to {checkpoint.aside_name(run_dir)}), or pick "
+            "a new --out"
+        )
+
+
+def check_resolution(cfg: TrainConfig, resolution: int) -> None:
+    """The shards' image size must be one the architecture builds (train has no size flag: the
+    size comes from --data's manifest)."""
+    from facegan_dist.models import RESOLUTIONS
+
+    sizes = RESOLUTIONS[cfg.arch]
+    if resolution not in sizes:
+        fit = max((s for s in sizes if s <= resolution), default=sizes[0])
+        raise ConfigError(
+            f"--data {cfg.data}: holds {resolution} px images, but --arch {cfg.arch} trains on "
+            f"{', '.join(map(str, sizes))} px; write shards of one of these sizes "
+            f"(`facegan shard SRC --size {fit} --out NEW`)"
+        )
+
+
+def check_resume_matches(
+    cfg: TrainConfig, state: dict[str, Any], ckpt: Path, resolution: int,
+    attribute_names: list[str],
+) -> None:  # fmt: skip
+    """Before loading: the networks this command builds are the checkpoint's. A changed --arch,
+    width, upsampling, norm, condition or image size would fail deep inside load_state_dict;
+    here it is one line saying what differs."""
+    import dataclasses
+
+    saved = state.get("config", {})
+    meta = state.get("generator", {})
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    diffs = []
+
+    def differ(label: str, old: Any, new: Any) -> None:
+        if old != new:
+            diffs.append(f"{label}: checkpoint {old}, now {new}")
+
+    old_arch = saved.get("arch", defaults["arch"])
+    differ("--arch", old_arch, cfg.arch)
+    if old_arch == cfg.arch:
+        keys = ["z_dim", "spectral_norm"]
+        if cfg.arch == "dcgan":
+            keys += ["g_width", "d_width", "upsample", "mbstd"]
+        for k in keys:
+            differ("--" + k.replace("_", "-"), saved.get(k, defaults[k]), getattr(cfg, k))
+        if cfg.arch == "dcgan":
+            differ("--d-norm", meta.get("d_norm", cfg.resolved_d_norm), cfg.resolved_d_norm)
+        old_cond = list(meta.get("condition") or [])
+        new_cond = resolve_condition(cfg.condition, attribute_names)
+        differ("--condition", ",".join(old_cond) or "none", ",".join(new_cond) or "none")
+    old_res = meta.get("resolution")
+    if old_res is not None and int(old_res) != resolution:
+        diffs.append(
+            f"image size: checkpoint {old_res} px, now {resolution} px (--data {cfg.data})"
+        )
+    if diffs:
+        raise ConfigError(
+            f"--resume {ckpt}: this run's networks differ from the checkpoint's ("
+            + "; ".join(diffs)
+            + "); drop the flags that change them (the checkpoint's settings are the defaults), "
+            "or train into a new --out"
+        )
 
 
 def resolve_condition(spec: str | None, attribute_names: list[str]) -> list[str]:
@@ -93,6 +201,26 @@ def steps_for_epochs(epochs: float, batches_per_epoch: int, d_every: int, d_step
     batches = math.ceil(epochs * batches_per_epoch)
     d_updates = math.ceil(batches / d_steps)
     return max(1, (d_updates - 1) * d_every + 1)
+
+
+def _below_checkpoint(what: str, state: dict[str, Any], ckpt: Path) -> str:
+    step = int(state["step"])
+    return (
+        f"{what} is below step {step} of the checkpoint it resumes ({ckpt}): nothing would "
+        f"train; give --max-steps above {step} to train on"
+    )
+
+
+def check_inception_weights(cfg: TrainConfig) -> None:
+    """`--eval-features inception` needs its weights file: checked before any work, with the
+    train flags in the message (metrics.py names evaluate's `--features`)."""
+    from facegan_dist.metrics import inception_weights_path
+
+    try:
+        inception_weights_path(cfg.inception_weights)
+    except CheckpointError as exc:
+        msg = str(exc).replace("--features attributes", "--eval-features attributes")
+        raise CheckpointError(msg) from None
 
 
 @dataclass
@@ -140,19 +268,24 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
 
     from facegan_dist.data.stream import ShardStream, make_loader
     from facegan_dist.models import count_params
+    from facegan_dist.paths import out_dir
     from facegan_dist.progress import make_progress
     from facegan_dist.tracking import RunLogger, new_run_id, resolve_wandb_mode, truncate_metrics
 
     cfg = cfg.validate()
+    check_run_folder(cfg, resume_from)  # read-only: nothing is written before the checks pass
     manifest = read_data_manifest(cfg)
-    if cfg.eval_every and cfg.eval_features == "inception":
-        from facegan_dist.metrics import inception_weights_path
-
-        inception_weights_path(cfg.inception_weights)  # a missing file fails before any work
     resolution = int(manifest["settings"]["size"])
+    check_resolution(cfg, resolution)
     attribute_names = list(manifest.get("attribute_names") or [])
     run_dir = cfg.run_dir
     state: dict[str, Any] = checkpoint.read_state(resume_from) if resume_from else {}
+    if resume_from is not None:
+        check_resume_matches(cfg, state, resume_from, resolution, attribute_names)
+        if cfg.max_steps is not None and cfg.max_steps < int(state["step"]):
+            raise ConfigError(_below_checkpoint(f"--max-steps {cfg.max_steps}", state, resume_from))
+    if cfg.eval_every and cfg.eval_features == "inception":
+        check_inception_weights(cfg)  # a missing file fails before any work
 
     wandb_mode = resolve_wandb_mode(cfg.wandb_mode)
     acc = dist.build_accelerator(
@@ -164,6 +297,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
     world = acc.num_processes
     bpd = dist.batch_per_device(cfg.batch, world)
     check_device_settings(cfg, acc)
+    out_dir(run_dir, "--out")  # a file, a path under a file, /proc/...: one line, before any work
     fast = cfg.fast_settings(acc.device.type)
     apply_backend_settings(fast, acc.device.type)
 
@@ -193,6 +327,20 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         total_steps = cfg.max_steps
     else:
         total_steps = steps_for_epochs(cfg.epochs, bpe, cfg.d_every, cfg.d_steps)
+        if resume_from is not None and total_steps < int(state["step"]):
+            raise ConfigError(
+                _below_checkpoint(f"--epochs {cfg.epochs:g} ({total_steps} steps)", state,
+                                  resume_from)
+            )  # fmt: skip
+    if cfg.batch > data.num_samples:
+        epoch_images = bpe * cfg.batch
+        dist.print0(
+            acc,
+            f"warning: --batch {cfg.batch} is larger than the {data.num_samples:,} images of "
+            f"split '{cfg.split}' in {cfg.data}: every batch repeats images, and an epoch here "
+            f"is {epoch_images:,} images ({epoch_images / data.num_samples:.1f} passes over "
+            f"them); a --batch of at most {data.num_samples:,} avoids both",
+        )
 
     # ---- models and optimizers: identical init on every rank, then per-rank noise seeds ----
     set_seed(cfg.seed)
@@ -228,11 +376,30 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         "data_layout": data.layout(),
         "fast": fast,
     }
+    # ---- the run folder: rank 0 writes; every rank learns whether it could ----
+    moved_to: Path | None = None
+    err: Exception | None = None
     if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "samples").mkdir(exist_ok=True)
-        atomic_write_text(run_dir / "config.json", dumps(cfg))
-        atomic_write_text(run_dir / "run.json", json.dumps(runtime, indent=2))
+        try:
+            if cfg.restart:
+                moved_to = checkpoint.move_run_aside(run_dir)
+            elif resume_from is None:  # --resume auto found nothing: drop a dead attempt's rows
+                truncate_metrics(run_dir / "metrics.jsonl", 0)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "samples").mkdir(exist_ok=True)
+            atomic_write_text(run_dir / "config.json", dumps(cfg))
+            atomic_write_text(run_dir / "run.json", json.dumps(runtime, indent=2))
+        except (OSError, FaceganError) as exc:
+            err = exc
+    if dist.any_rank(acc, err is not None):  # a collective: no rank waits for a failed rank 0
+        if isinstance(err, FaceganError):
+            raise err
+        if err is not None:
+            why = getattr(err, "strerror", None) or type(err).__name__
+            raise CheckpointError(f"--out {run_dir}: cannot write the run files ({why})") from None
+        raise ConfigError("rank 0 could not prepare the run folder")  # printed by rank 0 only
+    if moved_to is not None:
+        dist.print0(acc, f"--restart: moved the previous run in {run_dir} to {moved_to}")
     acc.wait_for_everyone()
 
     # The loader's iterator draws its worker base seed from the torch RNG: create it BEFORE the
