@@ -16,6 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+WRAPPER = "launch/accelerate_launch.py"  # accelerate launch with facegan's exit codes
 # 16 px, widths 8, one loader worker (the production path: errors and signals cross processes)
 TINY = ["--preset", "demo", "--g-width", "8", "--d-width", "8", "--batch", "16",
         "--num-workers", "1", "--log-every", "1", "--sample-every", "100000"]  # fmt: skip
@@ -38,9 +39,13 @@ def train_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "facegan_dist", "train", *args]
 
 
-def launch_cmd(*args: str, config: str = "launch/cpu-2proc.yaml", launcher_args=()) -> list[str]:
-    """`accelerate launch --config_file CONFIG ... facegan_dist train ...` (what users type)."""
-    return [ACCELERATE, "launch", "--config_file", config, *launcher_args,
+def launch_cmd(
+    *args: str, config: str = "launch/cpu-2proc.yaml", launcher_args=(), wrapper: bool = False
+) -> list[str]:
+    """`accelerate launch --config_file CONFIG ... facegan_dist train ...` (what users type), or
+    with `wrapper` the same through `python launch/accelerate_launch.py` (launch/README.md)."""
+    launcher = [sys.executable, WRAPPER] if wrapper else [ACCELERATE, "launch"]
+    return [*launcher, "--config_file", config, *launcher_args,
             "facegan_dist", "train", *args]  # fmt: skip
 
 
@@ -114,6 +119,18 @@ def metric_rows(run_dir: Path) -> int:
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def tracebacks(stderr: str) -> list[str]:
+    """The exception line closing each Python traceback in a (merged) stderr."""
+    lines = stderr.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if "Traceback (most recent call last)" in line:
+            pattern = r"^(\[rank\d\]: )?\w[\w.]*(Error|Exception|Interrupt)\b"
+            tail = [x for x in lines[i + 1 :] if re.match(pattern, x)]
+            found.append(tail[0] if tail else line)
+    return found
 
 
 def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
