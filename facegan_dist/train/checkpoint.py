@@ -129,7 +129,8 @@ def find_resume(
                     if warn is not None:
                         warn(
                             f"warning: --resume auto: skipped the damaged checkpoint {bad} "
-                            f"({why}); it stays on disk; resuming from {ckpt.name}"
+                            f"({why}); resuming from {ckpt.name}; the damaged one is kept, "
+                            f"renamed {bad.name}.damaged"
                         )
                 return ckpt
             why, untrusted = problem
@@ -138,9 +139,9 @@ def find_resume(
             skipped.append((ckpt, why))
         if skipped:
             raise CheckpointError(
-                f"--resume auto: no intact checkpoint in {run_dir / 'checkpoints'} (newest: "
-                f"{skipped[0][1]}); resume an older copy with --resume PATH, or start over with "
-                "--restart instead of --resume"
+                f"--resume auto: no intact checkpoint in {run_dir / 'checkpoints'} (the newest, "
+                f"{skipped[0][0].name}: {skipped[0][1]}); start over with --restart instead of "
+                "--resume, or pick a new --out"
             )
         return None
     path = Path(resume)
@@ -149,8 +150,32 @@ def find_resume(
     problem = check_files(path)
     if problem is not None:
         why, untrusted = problem
-        raise CheckpointError(why if untrusted else f"--resume {resume}: {why}")
+        raise CheckpointError(why if untrusted else f"--resume {resume}: damaged checkpoint: {why}")
     return path
+
+
+def set_aside_newer(ckpt_root: Path, resumed: Path) -> list[tuple[Path, Path]]:
+    """Rank 0, when a run resumes from `resumed`: the complete checkpoints of a later step in
+    ckpt_root belong to another timeline (a damaged one --resume auto skipped, or newer ones
+    when an older checkpoint was resumed on purpose). Left in place, the next save at that step
+    would take the old folder for its own and --resume auto could pick it, so each is renamed
+    to `<name>.damaged` or `<name>.superseded` (out of the step-* namespace: never resumed,
+    rotated or deleted). Returns the (old, new) paths."""
+    step = int(_CKPT_RE.match(resumed.name).group(1)) if _CKPT_RE.match(resumed.name) else None
+    if step is None:
+        step = int(read_state(resumed)["step"])
+    moved = []
+    for ckpt in list_checkpoints(ckpt_root):
+        if int(_CKPT_RE.match(ckpt.name).group(1)) <= step:
+            continue
+        kind = "damaged" if check_files(ckpt) is not None else "superseded"
+        dest, n = ckpt.with_name(f"{ckpt.name}.{kind}"), 1
+        while dest.exists():
+            n += 1
+            dest = ckpt.with_name(f"{ckpt.name}.{kind}-{n}")
+        os.replace(ckpt, dest)
+        moved.append((ckpt, dest))
+    return moved
 
 
 # The files `accelerator.save_state` writes for our two models and two optimizers (the GradScaler
@@ -177,13 +202,13 @@ def check_files(ckpt: Path) -> tuple[str, bool] | None:
     tensor_files = [f"{name}.safetensors" for name in state.get("tensor_files", [])]
     for name in (*_REQUIRED, *tensor_files):
         if not (ckpt / name).is_file():
-            return f"{ckpt / name}: missing (damaged checkpoint)", False
+            return f"{ckpt / name}: missing", False
     for path in sorted(ckpt.iterdir()):
         if path.name == STATE_NAME or path.suffix not in (".safetensors", ".bin", ".pt", ".pkl"):
             continue
         try:
             if path.stat().st_size == 0:
-                return f"{path}: empty file (damaged checkpoint)", False
+                return f"{path}: empty file", False
             if path.suffix == ".safetensors":
                 load_file(str(path))
                 continue
@@ -191,11 +216,11 @@ def check_files(ckpt: Path) -> tuple[str, bool] | None:
         except pickle.UnpicklingError:
             return f"{path}: {_REFUSED}", True
         except Exception as exc:  # truncated, garbage, unreadable: the file is damaged
-            return f"{path}: unreadable (damaged checkpoint: {_first_line(exc)})", False
+            return f"{path}: unreadable ({_first_line(exc)})", False
         if path.name.startswith("random_states_") and not (
             isinstance(data, dict) and "torch_manual_seed" in data
         ):
-            return f"{path}: not an RNG state file (damaged checkpoint)", False
+            return f"{path}: not an RNG state file", False
     return None
 
 
@@ -421,7 +446,7 @@ def load(acc, ckpt: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Ten
             # EOFError without a message otherwise)
             bad = check_files(ckpt)
             if bad is not None:
-                problem = bad[0]
+                problem = bad[0] if bad[1] else f"damaged checkpoint: {bad[0]}"
             elif isinstance(exc, pickle.UnpicklingError):
                 problem = f"{ckpt}: {_REFUSED}"
             else:

@@ -60,8 +60,8 @@ def resolve_config(
     `--resume auto` skips a damaged newest checkpoint for an older intact one, with a warning.
     """
     cfg = merge_train_config(preset, config_file, flags)
-    if cfg.restart and cfg.resume is not None:
-        cfg.validate()  # the one-line refusal of --restart with --resume
+    if cfg.restart and cfg.resume is not None:  # before looking for a checkpoint to resume
+        raise ConfigError(f"--restart starts the run over: it cannot go with --resume {cfg.resume}")
     ckpt = checkpoint.find_resume(cfg.run_dir, cfg.resume, warn=_print_rank0)
     if ckpt is None:
         if cfg.resume not in (None, "auto"):
@@ -378,6 +378,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
     }
     # ---- the run folder: rank 0 writes; every rank learns whether it could ----
     moved_to: Path | None = None
+    set_aside: list[tuple[Path, Path]] = []
     err: Exception | None = None
     if acc.is_main_process:
         try:
@@ -385,6 +386,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
                 moved_to = checkpoint.move_run_aside(run_dir)
             elif resume_from is None:  # --resume auto found nothing: drop a dead attempt's rows
                 truncate_metrics(run_dir / "metrics.jsonl", 0)
+            else:  # later checkpoints than the resumed one: renamed, never reused or deleted
+                set_aside = checkpoint.set_aside_newer(run_dir / "checkpoints", resume_from)
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "samples").mkdir(exist_ok=True)
             atomic_write_text(run_dir / "config.json", dumps(cfg))
@@ -400,6 +403,9 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         raise ConfigError("rank 0 could not prepare the run folder")  # printed by rank 0 only
     if moved_to is not None:
         dist.print0(acc, f"--restart: moved the previous run in {run_dir} to {moved_to}")
+    for old, new in set_aside:
+        if ".superseded" in new.name:  # (a damaged one was announced by find_resume)
+            dist.print0(acc, f"note: {old} is later than the resumed checkpoint: now {new.name}")
     acc.wait_for_everyone()
 
     # The loader's iterator draws its worker base seed from the torch RNG: create it BEFORE the
