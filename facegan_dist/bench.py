@@ -58,14 +58,31 @@ def bench_data(
     work_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Sharding throughput (178x218 JPEG -> size px) and reading throughput per loader process,
-    on a freshly drawn synthetic CelebA (Kaggle zip layout)."""
+    on a freshly drawn synthetic CelebA (Kaggle zip layout), in a temp folder under `work_dir`
+    (removed afterwards). Flags and `work_dir` are checked first, each error naming its flag."""
     import zipfile
 
-    from facegan_dist.config import ShardConfig, SynthConfig, default_workers
+    from facegan_dist.config import (
+        SHARD_FORMATS,
+        SHARD_SIZES,
+        ShardConfig,
+        SynthConfig,
+        default_workers,
+    )
     from facegan_dist.data.shards import process_image, write_shards
     from facegan_dist.data.stream import bench_read
     from facegan_dist.data.synth import make_dataset
+    from facegan_dist.errors import ConfigError
+    from facegan_dist.export import writable_dir
 
+    if fmt not in SHARD_FORMATS:
+        raise ConfigError(f"--format {fmt!r} must be one of {', '.join(SHARD_FORMATS)}")
+    if size not in SHARD_SIZES:
+        raise ConfigError(f"--size {size} must be one of {', '.join(map(str, SHARD_SIZES))}")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers {workers} must be at least 1")
+    if work_dir is not None:
+        work_dir = writable_dir(Path(work_dir), "--work-dir")
     workers = workers or default_workers()
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         root = Path(tmp)
@@ -212,6 +229,13 @@ def step_agreement(
     }
 
 
+def bench_presets() -> tuple[str, ...]:
+    """The presets `bench train` accepts: every unconditional one (config.PRESETS)."""
+    from facegan_dist.config import PRESETS
+
+    return tuple(name for name, p in PRESETS.items() if not p.get("condition"))
+
+
 def bench_train(
     preset: str = "tutorial",
     batch: int = 64,
@@ -240,7 +264,7 @@ def bench_train(
     from accelerate.utils import set_seed
 
     from facegan_dist import dist
-    from facegan_dist.config import merge_train_config
+    from facegan_dist.config import PRECISIONS, PRESETS, merge_train_config
     from facegan_dist.errors import ConfigError
     from facegan_dist.models import count_params
     from facegan_dist.train.setup import (
@@ -252,9 +276,16 @@ def bench_train(
         model_input,
     )
 
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision!r} must be one of {', '.join(PRECISIONS)}")
+    if preset not in bench_presets():
+        why = " (conditional presets are not benchmarked)" if preset in PRESETS else ""
+        raise ConfigError(f"--preset {preset!r} must be one of {', '.join(bench_presets())}{why}")
     cfg = merge_train_config(
         preset, None, {"data": data or Path("synthetic"), "batch": batch, **(overrides or {})}
     ).validate()
+    if cfg.condition:  # before any work
+        raise ConfigError(f"--preset {preset}: bench train does not support conditional models")
     acc = dist.build_accelerator(precision, autocast_cache=not cfg.cuda_graphs)
     check_device_settings(cfg, acc)
     device = acc.device
@@ -280,8 +311,6 @@ def bench_train(
             )  # fmt: skip
             real_iter = iter(make_loader(stream, pin_memory=device.type == "cuda"))
     set_seed(cfg.seed)
-    if cfg.condition:
-        raise ConfigError("bench train does not support conditional presets (--condition)")
     G, D = build_gan(cfg, resolution)
     G_plain, D_plain = copy.deepcopy(G).to(device), copy.deepcopy(D).to(device)
     G0, D0 = copy.deepcopy(G), copy.deepcopy(D)  # the initial weights, for the agreement check

@@ -100,29 +100,42 @@ def _logistic_normals(z: Tensor, y: Tensor, l2: float = 1e-2, iters: int = 100) 
 def save_directions(path: Path, dirs: Tensor, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    from facegan_dist.export import atomic_write_text
+    from facegan_dist.export import atomic_path, atomic_write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"directions": dirs.contiguous()}, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path)
-    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2))
+    with atomic_path(path) as tmp:
+        save_file({"directions": dirs.contiguous()}, str(tmp), metadata={"format": "pt"})
+    atomic_write_text(meta_path(path), json.dumps(meta, indent=2))
+
+
+def meta_path(path: Path) -> Path:
+    """directions.json beside directions.safetensors."""
+    return Path(path).with_suffix(".json")
 
 
 def load_directions(path: Path) -> tuple[Tensor, list[str], dict]:
-    """(directions [A, z_dim], attribute names, meta with `usable` as {name: bool})."""
+    """(directions [A, z_dim], attribute names, meta with `usable` as {name: bool}). A bad
+    .safetensors or .json is one CheckpointError naming that file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    def first_line(exc: Exception) -> str:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
     try:
         dirs = load_file(str(path))["directions"].float()
-        meta = json.loads(Path(path).with_suffix(".json").read_text())
-        names = list(meta["attribute_names"])
-    except (OSError, KeyError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path}: cannot load directions ({first})") from None
+    except (OSError, KeyError, ValueError, SafetensorError) as exc:
+        raise CheckpointError(f"{path}: cannot load directions ({first_line(exc)})") from None
+    jpath = meta_path(path)
+    try:
+        meta = json.loads(jpath.read_text())
+        names = [str(n) for n in meta["attribute_names"]]
+        attributes = meta.get("attributes", {})
+        usable = {n: bool(a.get("usable", True)) for n, a in attributes.items()}
+    except (OSError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{jpath}: cannot load directions ({first_line(exc)})") from None
     if dirs.ndim != 2 or dirs.shape[0] != len(names):
         raise CheckpointError(f"{path}: {tuple(dirs.shape)} directions for {len(names)} names")
-    usable = {n: bool(a.get("usable", True)) for n, a in meta.get("attributes", {}).items()}
     return dirs, names, {**meta, "usable": usable}
 
 
@@ -156,6 +169,10 @@ class DirectionsConfig:
             raise ConfigError(f"--check-seeds {self.check_seeds} must be >= 0")
         if self.seed < 0:
             raise ConfigError(f"--seed {self.seed} must be >= 0")
+        if self.out is not None and Path(self.out).suffix == ".json":
+            raise ConfigError(
+                f"--out {self.out}: name the .safetensors file (the .json goes beside it)"
+            )
         return self
 
 
@@ -198,10 +215,15 @@ def compute_directions(cfg: DirectionsConfig, state=None, log=print) -> dict:
     from facegan_dist import dist
     from facegan_dist.classifier import ClassifierSettings, get_classifier
     from facegan_dist.data.stream import read_manifest
+    from facegan_dist.export import writable_file
     from facegan_dist.latent import seed_z
-    from facegan_dist.sampling import load_unconditional_generator
+    from facegan_dist.sampling import find_generator, load_unconditional_generator
 
     cfg.validate()
+    _, _, run_dir = find_generator(cfg.source)
+    out = Path(cfg.out) if cfg.out else Path(run_dir) / DIRECTIONS_NAME
+    for path in (out, meta_path(out)):  # before any work (the classifier takes minutes)
+        writable_file(path, "--out")
     device = state.device if state is not None else "cpu"
     G, meta, info = load_unconditional_generator(cfg.source, device, ema=cfg.ema)
     manifest = read_manifest(cfg.data)
@@ -228,7 +250,6 @@ def compute_directions(cfg: DirectionsConfig, state=None, log=print) -> dict:
         if a in check:
             row["check_before"], row["check_after"] = (round(v, 4) for v in check[a])
         attributes[name] = row
-    out = Path(cfg.out) if cfg.out else Path(info["run_dir"]) / DIRECTIONS_NAME
     result = {
         "format_version": 1,
         "method": cfg.method,

@@ -6,15 +6,18 @@ module: safetensors cannot run code, and the JSON rebuilds the architecture with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from facegan_dist.errors import CheckpointError
+from facegan_dist.errors import CheckpointError, ConfigError
 
 WEIGHTS_NAME = "generator.safetensors"  # the EMA of G when training kept one, else G
 RAW_WEIGHTS_NAME = "generator_raw.safetensors"  # G itself, written only beside an EMA export
@@ -24,14 +27,64 @@ ARCH_KEYS = ("arch", "act", "dropout", "z_dim", "g_width", "d_width", "upsample"
              "mbstd")  # fmt: skip
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temp name + rename so readers never see half a file."""
+# What generator.json must hold to rebuild G (`build_from_meta`; the other keys have defaults).
+META_REQUIRED = ("arch", "resolution", "z_dim", "g_width", "d_width", "act", "dropout")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp name beside `path`; on success it is renamed to `path`, so readers never see
+    half a file. On any failure (the write, the rename, Ctrl-C) the temp file is removed and the
+    exception goes on: a failed write leaves nothing behind."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if not tmp.is_dir():
+                tmp.unlink(missing_ok=True)
+        raise
+
+
+def _try_create(path: Path, tmp: Path, flag: str) -> None:
+    try:
+        with open(tmp, "ab"):
+            pass
+        tmp.unlink()
+    except OSError as exc:
+        where = "there" if tmp.parent == path else f"in {tmp.parent}"
+        raise ConfigError(f"{flag} {path}: cannot create files {where} ({exc.strerror})") from None
+
+
+def writable_dir(path: Path, flag: str) -> Path:
+    """`paths.out_dir`, then a real try: create and remove a file in it, so that a folder that
+    looks writable but is not (/proc, a read-only mount seen as root) is one ConfigError naming
+    `flag`, before any work."""
+    from facegan_dist.paths import out_dir
+
+    path = out_dir(Path(path), flag)
+    _try_create(path, path / f".facegan-{os.getpid()}.probe.tmp", flag)
+    return path
+
+
+def writable_file(path: Path, flag: str) -> Path:
+    """`paths.out_file`, then a real try: create and remove a file beside it (see
+    `writable_dir`). The file itself is not created."""
+    from facegan_dist.paths import out_file
+
+    path = out_file(Path(path), flag)
+    _try_create(path, path.with_name(f".{path.name}.{os.getpid()}.probe.tmp"), flag)
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file through a temp name + rename (`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def generator_meta(
@@ -77,9 +130,8 @@ def _save_state_dict(module: nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
 
 
 def export_generator(
@@ -95,26 +147,79 @@ def export_generator(
     return out_dir / WEIGHTS_NAME
 
 
+def check_meta(meta: object, where: Path) -> dict:
+    """`meta` if it can rebuild G (a JSON object with every `META_REQUIRED` key), else a
+    CheckpointError naming `where` (the generator.json, or the trainer_state.json holding it)."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: not a JSON object (a {type(meta).__name__})")
+    missing = [k for k in META_REQUIRED if k not in meta]
+    if missing:
+        raise CheckpointError(f"{where}: no {', '.join(missing)} (not a generator config)")
+    return meta
+
+
+def read_meta(path: Path) -> dict:
+    """The generator config in `path` (generator.json), checked; errors name the file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc.strerror or exc})") from None
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    return check_meta(meta, path)
+
+
+def build_checked(meta: dict, where: Path):
+    """(G, D) from a checked meta; a value build_models refuses is blamed on `where`."""
+    try:
+        return build_from_meta(meta)
+    except (ConfigError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # build_models names train's flags ("--z-dim 0 ..."): here the value is the file's key
+        first = re.sub(r"^--([\w-]+)", lambda m: m.group(1).replace("-", "_"), first)
+        raise CheckpointError(
+            f"{where}: cannot build the generator it describes ({first})"
+        ) from None
+
+
+def load_weights(G: nn.Module, weights: Path, prefixes: tuple[str, ...] = ()) -> None:
+    """Load the state_dict in `weights` into G (removing wrapper `prefixes`); any failure (empty,
+    truncated, not safetensors, another architecture) is one CheckpointError naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        sd = load_file(str(weights), device="cpu")
+        for prefix in prefixes:
+            sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+        G.load_state_dict(sd)
+    except (OSError, EOFError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, OSError) and exc.strerror:
+            first = exc.strerror
+        raise CheckpointError(f"{weights}: cannot load generator: {first}") from None
+
+
 def load_generator(
     path: Path, device: str | torch.device = "cpu", ema: bool = True
 ) -> tuple[nn.Module, dict]:
     """Rebuild G from an export folder (or its .safetensors file) -> (G in eval mode, meta).
-    `ema=False` loads the raw G of an export that has an EMA."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    `ema=False` loads the raw G of an export that has an EMA. A problem with generator.json names
+    generator.json; one with the weights names the .safetensors file."""
     path = Path(path)
     folder = path.parent if path.suffix == ".safetensors" else path
     weights, meta_path = folder / WEIGHTS_NAME, folder / META_NAME
     if not ema and (folder / RAW_WEIGHTS_NAME).is_file():
         weights = folder / RAW_WEIGHTS_NAME
-    if not weights.is_file() or not meta_path.is_file():
+    if not meta_path.is_file():
+        if weights.is_file():
+            raise CheckpointError(f"{meta_path}: missing (it describes {weights.name})")
         raise CheckpointError(f"{folder}: no exported generator ({WEIGHTS_NAME} + {META_NAME})")
-    try:
-        meta = json.loads(meta_path.read_text())
-        G, _ = build_from_meta(meta)
-        G.load_state_dict(load_file(str(weights), device="cpu"))
-    except (KeyError, ValueError, RuntimeError, json.JSONDecodeError, SafetensorError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{weights}: cannot load generator: {first}") from None
+    meta = read_meta(meta_path)
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing (described by {META_NAME})")
+    G, _ = build_checked(meta, meta_path)
+    load_weights(G, weights)
     return G.to(device).eval(), meta

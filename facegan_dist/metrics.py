@@ -41,7 +41,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import os
 import re
 import warnings
 import zipfile
@@ -361,13 +360,13 @@ def _load_cached(path: Path, want: dict, dim: int) -> dict[str, Tensor] | None:
 def _save_cached(path: Path, want: dict, states: dict[str, Tensor], log=None) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
+    from facegan_dist.export import atomic_path
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(states, str(tmp), metadata={k: str(v) for k, v in want.items()})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(states, str(tmp), metadata={k: str(v) for k, v in want.items()})
     except OSError as exc:  # a read-only shard folder: compute each time
-        tmp.unlink(missing_ok=True)
         if log:
             log(f"warning: cannot cache {path} ({exc})")
 
@@ -596,13 +595,19 @@ def condition_columns(meta: dict, manifest: dict, data_dir: Path) -> list[int] |
 def evaluate(cfg: EvaluateConfig, state=None, log=None) -> dict:
     """Run `facegan evaluate` (every rank calls it); rank 0 writes the JSON result."""
     from facegan_dist import dist
-    from facegan_dist.export import atomic_write_text
-    from facegan_dist.sampling import load_any_generator
+    from facegan_dist.export import atomic_write_text, writable_dir, writable_file
+    from facegan_dist.sampling import find_generator, load_any_generator
 
     if cfg.features not in FEATURES:
         raise ConfigError(f"--features {cfg.features!r} must be one of {', '.join(FEATURES)}")
     if cfg.features == "inception":
         inception_weights_path(cfg.inception_weights)  # fail before loading anything else
+    # the output before any work (its default lies in the run folder of the source)
+    _, _, run_dir = find_generator(cfg.source)
+    if cfg.out is not None:
+        writable_file(Path(cfg.out), "--out")
+    else:
+        writable_dir(Path(run_dir) / "eval", "--out")
     device = state.device if state is not None else "cpu"
     G, meta, info = load_any_generator(cfg.source, device, ema=cfg.ema)
     from facegan_dist.data.stream import read_manifest
@@ -644,7 +649,6 @@ def evaluate(cfg: EvaluateConfig, state=None, log=None) -> dict:
         tag += f"-psi{cfg.truncation:g}-{cfg.truncation_mode}"
     out = cfg.out or Path(info["run_dir"]) / "eval" / f"{tag}.json"
     if dist.is_main(state):
-        out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, json.dumps(result, indent=2))
     dist.barrier(state)
     return {**result, "path": out, "finite": all(math.isfinite(result[k]) for k in ("fid", "kid"))}

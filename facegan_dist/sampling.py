@@ -39,16 +39,16 @@ def grid_uint8(images: Tensor, nrow: int | None = None, padding: int = 2) -> Ten
 
 
 def save_png(image_chw_uint8: Tensor, path: Path) -> Path:
-    """Write a [3, H, W] uint8 tensor as PNG (atomically: temp name + rename)."""
-    import os
-
+    """Write a [3, H, W] uint8 tensor as PNG (atomically: temp name + rename; a failed write
+    leaves no temp file)."""
     from PIL import Image
+
+    from facegan_dist.export import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = image_chw_uint8.permute(1, 2, 0).contiguous().numpy()
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
     return path
 
 
@@ -108,7 +108,7 @@ def find_generator(path: Path) -> tuple[str, Path, Path | None]:
     final G), else its newest complete checkpoint. run_dir is where `directions.safetensors`
     lives (None for a folder outside a run)."""
     from facegan_dist.errors import CheckpointError
-    from facegan_dist.export import META_NAME
+    from facegan_dist.export import META_NAME, WEIGHTS_NAME
 
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
@@ -127,6 +127,9 @@ def find_generator(path: Path) -> tuple[str, Path, Path | None]:
     ckpt = newest_checkpoint(path)
     if ckpt is not None:
         return "checkpoint", ckpt, path
+    for folder in (path, path / EXPORT_DIR):  # weights without their config: name the config
+        if (folder / WEIGHTS_NAME).is_file():
+            raise CheckpointError(f"{folder / META_NAME}: missing (it describes {WEIGHTS_NAME})")
     raise CheckpointError(
         f"{path}: no {EXPORT_DIR}/{META_NAME} and no complete checkpoint in "
         f"{CHECKPOINTS_DIR}/ (train first, or pass a checkpoint folder)"
@@ -136,35 +139,27 @@ def find_generator(path: Path) -> tuple[str, Path, Path | None]:
 def _load_checkpoint_generator(ckpt: Path, device, ema: bool):
     import json
 
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from facegan_dist.errors import CheckpointError
-    from facegan_dist.export import build_from_meta
+    from facegan_dist.export import build_checked, check_meta, load_weights
 
+    state_path = ckpt / CKPT_STATE_NAME
     try:
-        state = json.loads((ckpt / CKPT_STATE_NAME).read_text())
+        state = json.loads(state_path.read_text())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{ckpt / CKPT_STATE_NAME}: unreadable ({exc})") from None
-    meta = state.get("generator")
+        raise CheckpointError(f"{state_path}: unreadable ({exc})") from None
+    meta = state.get("generator") if isinstance(state, dict) else None
     if not isinstance(meta, dict):
         raise CheckpointError(
-            f"{ckpt / CKPT_STATE_NAME}: no 'generator' entry (a checkpoint from an older "
+            f"{state_path}: no 'generator' entry (a checkpoint from an older "
             "version); sample its run's export/ instead"
         )
+    check_meta(meta, state_path)
     use_ema = ema and (ckpt / CKPT_EMA_NAME).is_file()
     weights = ckpt / (CKPT_EMA_NAME if use_ema else CKPT_G_NAME)
     if not weights.is_file():
         raise CheckpointError(f"{ckpt}: no {CKPT_G_NAME} (incomplete checkpoint)")
-    try:
-        G, _ = build_from_meta(meta)
-        sd = load_file(str(weights), device="cpu")
-        for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers, if any
-            sd = {k.removeprefix(prefix): v for k, v in sd.items()}
-        G.load_state_dict(sd)
-    except (KeyError, ValueError, RuntimeError, SafetensorError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{weights}: cannot load generator: {first}") from None
+    G, _ = build_checked(meta, state_path)
+    load_weights(G, weights, prefixes=("module.", "_orig_mod."))  # DDP / torch.compile wrappers
     return G.to(device).eval(), {**meta, "ema": use_ema}
 
 
@@ -392,9 +387,11 @@ def sample(cfg: SampleConfig, state=None) -> dict:
 
     from facegan_dist import dist, latent
     from facegan_dist.errors import CheckpointError, ConfigError
-    from facegan_dist.export import atomic_write_text
+    from facegan_dist.export import atomic_write_text, writable_dir
 
     plan = cfg.plan()
+    find_generator(cfg.source)  # a missing source is named before --out is created
+    out = writable_dir(Path(cfg.out), "--out")  # every rank; a bad --out fails before any work
     rank, world = dist.world(state)
     device = state.device if state is not None else "cpu"
     G, meta, info = load_any_generator(cfg.source, device, ema=cfg.ema)
@@ -418,10 +415,6 @@ def sample(cfg: SampleConfig, state=None) -> dict:
                         "faces of one class when `facegan directions` ran)"
                     )
             edits.append(edit)
-    out = Path(cfg.out)
-    if dist.is_main(state):
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier(state)
     written: list[Path] = []
 
     def z_of(seeds: list[int]) -> Tensor:

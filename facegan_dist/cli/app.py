@@ -9,8 +9,9 @@ exit code 1 (under a multi-process launch, config errors print on rank 0 only, s
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +19,12 @@ import typer
 
 from facegan_dist import __version__
 from facegan_dist.errors import FaceganError
+
+# Choices whose tuples live in modules that import torch, mirrored here so that `--help` stays
+# fast; tests/cli/test_help.py checks that each mirror equals its source and that the help lists it.
+TRUNCATION_MODES = ("shrink", "resample")  # latent.TRUNCATION_MODES
+INTERP_MODES = ("lerp", "slerp")  # latent.INTERP_MODES
+DIRECTION_METHODS = ("mean-diff", "linear")  # directions.METHODS
 
 # The generator a command reads (`sample`, `directions`, `evaluate`): one argument, one help text.
 GeneratorSource = Annotated[
@@ -40,6 +47,38 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def one_of(values: Iterable[object]) -> str:
+    """'a | b | c': how a help text lists an option's choices, taken from the code's own tuple
+    (tests/cli/test_help.py reads them back from the rendered help)."""
+    return " | ".join(str(v) for v in values)
+
+
+def _reflow(doc: str) -> str:
+    """A docstring as help text: the lines of each paragraph joined into one, so rich wraps it to
+    the terminal (typer keeps single line breaks after the first paragraph, which leaves a
+    stray short line at every source line end). Paragraphs with indented or bulleted lines are
+    kept as written (examples, lists)."""
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    out = []
+    for par in paragraphs:
+        lines = par.splitlines()
+        if any(line.startswith((" ", "-", "*", "\b")) for line in lines):
+            out.append(par)
+        else:
+            out.append(" ".join(line.strip() for line in lines))
+    return "\n\n".join(out)
+
+
+def reflow_help(typer_app: typer.Typer) -> None:
+    """Give every command of `typer_app` (and of its sub-apps) its docstring, reflowed, as help."""
+    for info in typer_app.registered_commands:
+        if info.help is None and info.callback is not None and info.callback.__doc__:
+            info.help = _reflow(info.callback.__doc__)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            reflow_help(group.typer_instance)
 
 
 def _version(value: bool) -> None:

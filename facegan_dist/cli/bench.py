@@ -7,7 +7,11 @@ from typing import Annotated
 
 import typer
 
-from facegan_dist.cli.app import app, errors_to_exit
+from facegan_dist.cli.app import app, errors_to_exit, one_of
+from facegan_dist.config import DATA_CACHES, PRECISIONS, PRESETS, SHARD_FORMATS, SHARD_SIZES
+
+# bench.bench_presets(), restated without importing torch (tests/cli/test_help.py: they agree)
+BENCH_PRESETS = tuple(name for name, p in PRESETS.items() if not p.get("condition"))
 
 bench_app = typer.Typer(
     help="Benchmarks: sharding/reading throughput and training images/s. Print a JSON line.",
@@ -19,13 +23,20 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("data")
 def bench_data_cmd(
     count: Annotated[int, typer.Option(help="Synthetic 178x218 JPEGs to shard.")] = 2000,
-    size: Annotated[int, typer.Option(help="Output size in px.")] = 64,
+    size: Annotated[int, typer.Option(help=f"Output size in px: {one_of(SHARD_SIZES)}.")] = 64,
     workers: Annotated[
         int | None, typer.Option(help="Shard workers. \\[default: all cores]")
     ] = None,
     read_seconds: Annotated[float, typer.Option(help="Seconds of reading to time.")] = 5.0,
-    fmt: Annotated[str, typer.Option("--format", help="jpg | png | webp.")] = "jpg",
-    work_dir: Annotated[Path | None, typer.Option(help="Where to put temp files.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help=f"{one_of(SHARD_FORMATS)}.")] = "jpg",
+    work_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for the temp files (removed afterwards). \\[default: the system's "
+            "temp folder]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Sharding images/s (decode+crop+resize+encode, whole pipeline) and reading images/s."""
     from facegan_dist.bench import bench_data, to_json_line
@@ -49,12 +60,18 @@ def bench_data_cmd(
 
 @bench_app.command("train")
 def bench_train_cmd(
-    preset: Annotated[str, typer.Option(help="Model/loss/optimizer preset.")] = "tutorial",
+    preset: Annotated[
+        str,
+        typer.Option(
+            help=f"Model/loss/optimizer preset (train's; conditional ones excluded): "
+            f"{one_of(BENCH_PRESETS)}."
+        ),
+    ] = "tutorial",
     batch: Annotated[
         int, typer.Option(help="Batch per process (under accelerate launch: per device).")
     ] = 64,
     resolution: Annotated[int, typer.Option(help="Image size in px.")] = 64,
-    precision: Annotated[str, typer.Option(help="no | bf16 | fp16.")] = "no",
+    precision: Annotated[str, typer.Option(help=f"{one_of(PRECISIONS)}.")] = "no",
     steps: Annotated[int, typer.Option(help="Timed steps per round.")] = 20,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up steps.")] = 3,
     rounds: Annotated[int, typer.Option(help="Alternating rounds (median reported).")] = 3,
@@ -65,7 +82,9 @@ def bench_train_cmd(
     data: Annotated[
         Path | None, typer.Option(help="Shard folder: also time the real data pipeline.")
     ] = None,
-    data_cache: Annotated[str, typer.Option(help="With --data: none (stream) | device.")] = "none",
+    data_cache: Annotated[
+        str, typer.Option(help=f"With --data: {one_of(DATA_CACHES)} (none streams the shards).")
+    ] = "none",
     num_workers: Annotated[
         int | None,
         typer.Option(help="With --data: loader workers. \\[default: 2; CUDA: up to 8]"),

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from facegan_dist.cli.app import GeneratorSource, app, errors_to_exit
+from facegan_dist.cli.app import DIRECTION_METHODS, GeneratorSource, app, errors_to_exit, one_of
 
 CLF = "Attribute classifier"
 
@@ -27,8 +27,8 @@ def directions_cmd(
     method: Annotated[
         str,
         typer.Option(
-            help="mean-diff (mean z of positives minus negatives) or linear (InterFaceGAN: "
-            "normal of a logistic-regression boundary in z)."
+            help=f"{one_of(DIRECTION_METHODS)}. mean-diff: mean z of positives minus negatives. "
+            "linear (InterFaceGAN): the normal of a logistic-regression boundary in z."
         ),
     ] = "mean-diff",
     seed: Annotated[int, typer.Option(help="The faces are seeds SEED..SEED+N-1.")] = 0,

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from facegan_dist.cli.app import GeneratorSource, app, errors_to_exit
+from facegan_dist.cli.app import TRUNCATION_MODES, GeneratorSource, app, errors_to_exit, one_of
+from facegan_dist.config import EVAL_FEATURES, SPLITS
 
 
 @app.command("evaluate")
@@ -22,14 +23,15 @@ def evaluate_cmd(
     n: Annotated[
         int, typer.Option("--n", help="Generated images (seeds SEED..) and real images used.")
     ] = 50_000,
-    split: Annotated[str, typer.Option(help="Real split: train | val | test | all.")] = "train",
+    split: Annotated[str, typer.Option(help=f"Real split: {one_of(SPLITS)}.")] = "train",
     features: Annotated[
         str,
         typer.Option(
-            help="attributes (the shards' attribute classifier, 128-d; fully offline, comparable "
-            "only between runs using the same cached classifier) or inception (the standard, "
-            "published-table FID: torch-fidelity's TF-FID Inception v3, 2048-d; needs its "
-            "weights file, see --inception-weights)."
+            help=f"{one_of(EVAL_FEATURES)}. attributes: the shards' attribute classifier, 128-d; "
+            "fully offline, comparable only between runs using the same cached classifier (the "
+            "default here and of train's --eval-features). inception: the standard, "
+            "published-table FID (torch-fidelity's TF-FID Inception v3, 2048-d); needs its "
+            "weights file, see --inception-weights."
         ),
     ] = "attributes",
     batch: Annotated[int, typer.Option(help="Images per forward, per process.")] = 100,
@@ -39,21 +41,24 @@ def evaluate_cmd(
     seed: Annotated[int, typer.Option(help="First generated seed.")] = 0,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA of G or raw G.")] = True,
     truncation: Annotated[float, typer.Option(help="Truncation PSI (1 = off).")] = 1.0,
-    truncation_mode: Annotated[str, typer.Option(help="shrink | resample.")] = "shrink",
+    truncation_mode: Annotated[
+        str, typer.Option(help=f"{one_of(TRUNCATION_MODES)} (see `facegan sample --help`).")
+    ] = "shrink",
     inception_weights: Annotated[
         Path | None,
         typer.Option(
-            help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (from "
-            "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/). Never "
-            "downloaded. Default: the torch hub cache, $TORCH_HOME/hub/checkpoints/ "
-            "(~/.cache/torch/hub/checkpoints/).",
+            help="torch-fidelity's Inception v3 weights file, for --features inception; never "
+            "downloaded (without it, the error names the file and its URL). Default: the file in "
+            "torch hub's cache, the checkpoints folder under $TORCH_HOME/hub (~/.cache/torch).",
             show_default=False,
         ),
     ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
-            help="Result JSON. Default: RUN/eval/<features>-<split>-<n>(-raw)(-psiP-MODE).json."
+            help="Result JSON. Default: a file in RUN/eval/ named after --features, --split, --n, "
+            "--no-ema (-raw) and --truncation (-psiP-MODE).",
+            show_default=False,
         ),
     ] = None,
 ) -> None:

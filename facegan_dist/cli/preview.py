@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from facegan_dist.cli.app import app, errors_to_exit
+from facegan_dist.cli.app import app, errors_to_exit, one_of
+from facegan_dist.config import SPLITS
 
 
 @app.command("preview")
@@ -15,7 +16,7 @@ def preview_cmd(
     shards: Annotated[Path, typer.Argument(help="Shard folder (with manifest.json).")],
     out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("contact-sheet.png"),
     n: Annotated[int, typer.Option(help="Number of images in the grid.")] = 64,
-    split: Annotated[str, typer.Option(help="train | val | test | all.")] = "all",
+    split: Annotated[str, typer.Option(help=f"{one_of(SPLITS)}.")] = "all",
 ) -> None:
     """Write a contact sheet (a grid of the first N images) of a shard folder."""
     from facegan_dist.data.preview import contact_sheet

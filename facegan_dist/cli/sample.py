@@ -13,7 +13,14 @@ from typing import Annotated
 
 import typer
 
-from facegan_dist.cli.app import GeneratorSource, app, errors_to_exit
+from facegan_dist.cli.app import (
+    INTERP_MODES,
+    TRUNCATION_MODES,
+    GeneratorSource,
+    app,
+    errors_to_exit,
+    one_of,
+)
 
 SRC = "Generator and output"
 SEEDS = "Seeds, grid and truncation"
@@ -71,8 +78,9 @@ def sample_cmd(
     truncation_mode: Annotated[
         str,
         typer.Option(
-            help="shrink: z <- PSI*z (toward the mean, 0). resample: redraw z (from the seed) "
-            "until ||z|| <= the PSI-quantile of ||z||, so PSI is the fraction of draws kept.",
+            help=f"{one_of(TRUNCATION_MODES)}. shrink: z <- PSI*z (toward the mean, 0). "
+            "resample: redraw z (from the seed) until ||z|| <= the PSI-quantile of ||z||, so PSI "
+            "is the fraction of draws kept.",
             rich_help_panel=SEEDS,
         ),
     ] = "shrink",
@@ -93,7 +101,8 @@ def sample_cmd(
     interp: Annotated[
         str,
         typer.Option(
-            help="lerp (straight line) or slerp (great circle; keeps |z| typical).",
+            help=f"{one_of(INTERP_MODES)}: lerp is a straight line, slerp a great circle "
+            "(keeps |z| typical).",
             rich_help_panel=LATENT,
         ),
     ] = "slerp",

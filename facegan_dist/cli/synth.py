@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from facegan_dist.cli.app import app, errors_to_exit
+from facegan_dist.cli.app import app, errors_to_exit, one_of
 from facegan_dist.config import SYNTH_LAYOUTS, SynthConfig, default_workers
 
 _OUTPUT = "Output"
@@ -44,9 +44,9 @@ def synth(
     layout: Annotated[
         str,
         typer.Option(
-            help="kaggle: img_align_celeba/img_align_celeba/*.jpg + list_*.csv (the Kaggle "
-            "download); official: Img/img_align_celeba/, Anno/*.txt, Eval/list_eval_partition.txt "
-            f"(the Google Drive release). One of: {', '.join(SYNTH_LAYOUTS)}.",
+            help=f"{one_of(SYNTH_LAYOUTS)}. kaggle: img_align_celeba/img_align_celeba/*.jpg + "
+            "list_*.csv (the Kaggle download); official: Img/img_align_celeba/, Anno/*.txt, "
+            "Eval/list_eval_partition.txt (the Google Drive release).",
             rich_help_panel=_OUTPUT,
         ),
     ] = "kaggle",

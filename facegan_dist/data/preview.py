@@ -10,7 +10,11 @@ from facegan_dist.sampling import grid_uint8, save_png
 
 def contact_sheet(shard_dir: Path, out: Path, n: int = 64, split: str = "all", seed: int = 0):
     """Write `n` images (or all, if fewer) of `split` as a square grid to `out`; returns the
-    number of images and the attribute names of the shards."""
+    number of images and the attribute names of the shards. A bad `out` (a folder, a path under
+    a file, an unwritable place) is one ConfigError naming --out, before any image is read."""
+    from facegan_dist.export import writable_file
+
+    writable_file(Path(out), "--out")
     probe = ShardStream(shard_dir, split=split, batch_per_device=1)
     n = max(1, min(n, probe.num_samples))
     stream = ShardStream(shard_dir, split=split, batch_per_device=n, seed=seed, shuffle_buffer=1)
