@@ -120,7 +120,16 @@ def shard_cmd(
             seed=seed,
             strict=strict,
         ).validate()
-        result = write_shards(cfg, labels=labels, progress=progress, log=typer.echo)
+        try:
+            result = write_shards(cfg, labels=labels, progress=progress, log=typer.echo)
+        except KeyboardInterrupt:
+            # The partial shards are gone and no manifest names them (write_shards' cleanup).
+            typer.echo(
+                f"error: interrupted; finished shards are kept in {out}: "
+                "re-run the same command to resume",
+                err=True,
+            )
+            raise typer.Exit(130) from None
     _print_summary(result)
 
 
@@ -132,7 +141,10 @@ def _print_summary(result) -> None:
         typer.echo(f"  {split:<5} {entry['count']:>8} images  {n:>4} shard{'s' if n != 1 else ''}")
     skipped = m["skipped"]
     if skipped:
-        typer.echo(f"skipped {len(skipped)} bad image(s) (all listed in manifest.json):")
+        n = m["total"] + len(skipped)
+        typer.echo(
+            f"skipped {len(skipped)} of {n} images, unreadable (all listed in manifest.json):"
+        )
         for s in skipped[:5]:
             typer.echo(f"  {s['file']}: {s['reason']}")
         if len(skipped) > 5:

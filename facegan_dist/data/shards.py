@@ -31,6 +31,7 @@ refused before anything is touched.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import hashlib
 import io
 import json
@@ -39,10 +40,12 @@ import multiprocessing as mp
 import os
 import random
 import re
+import signal
 import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +62,7 @@ from facegan_dist.data.celeba import (
     open_source,
 )
 from facegan_dist.errors import ConfigError, DataError
+from facegan_dist.paths import out_dir
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -265,7 +269,13 @@ _WORKER: dict[str, ImageReader] = {}  # per process: the open source ("reader")
 
 
 def _init_worker(ref: ReaderRef) -> None:
-    """Process-pool initializer: open the source once per worker (a zip's directory too)."""
+    """Process-pool initializer: open the source once per worker (a zip's directory too).
+
+    Ctrl-C reaches the whole foreground process group; the workers ignore it so that only the
+    main process stops (it cancels the pool and deletes the partial shards), instead of each
+    idle worker dying with a KeyboardInterrupt traceback of its own.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER["reader"] = ImageReader(ref)
 
 
@@ -341,7 +351,10 @@ class _ShardFile:
     def __init__(self, out: Path, plan: ShardPlan, strict: bool):
         self.out, self.plan, self.strict = out, plan, strict
         self.final, self.tmp = out / plan.name, out / (plan.name + ".tmp")
-        self.raw = open(self.tmp, "wb")  # closed in finish() or abort()
+        try:
+            self.raw = open(self.tmp, "wb")  # closed in finish() or abort()
+        except OSError as exc:
+            raise _write_error(self.tmp, exc) from None
         self.file = _HashingFile(self.raw)
         self.count = 0
         self.skipped: list[dict[str, str]] = []
@@ -351,16 +364,22 @@ class _ShardFile:
             if self.strict:
                 raise BadImageError(f"{samples[i].file}: {reason} (--strict)")
             self.skipped.append({"file": samples[i].file, "reason": reason})
-        self.file.write(members)
+        try:
+            self.file.write(members)
+        except OSError as exc:  # disk full, file size limit, I/O error
+            raise _write_error(self.tmp, exc) from None
         self.count += len(samples) - len(bad)
 
     def finish(self, fingerprint: str) -> dict[str, Any]:
         """End the tar, fsync and rename it, then write its .state record (returned)."""
-        self.file.write(_tar_trailer(self.file.nbytes))
-        self.raw.flush()
-        os.fsync(self.raw.fileno())
-        self.raw.close()
-        os.replace(self.tmp, self.final)
+        try:
+            self.file.write(_tar_trailer(self.file.nbytes))
+            self.raw.flush()
+            os.fsync(self.raw.fileno())
+            self.raw.close()
+            os.replace(self.tmp, self.final)
+        except OSError as exc:
+            raise _write_error(self.tmp, exc) from None
         record = {
             "fingerprint": fingerprint,
             "name": self.plan.name,
@@ -376,8 +395,12 @@ class _ShardFile:
         return record
 
     def abort(self) -> None:
+        """Drop the partial shard. Closing flushes buffered bytes, which fails again on a full
+        disk: that error must not replace the one being reported."""
         try:
             self.raw.close()
+        except OSError:
+            pass
         finally:
             self.tmp.unlink(missing_ok=True)
 
@@ -526,8 +549,6 @@ def write_shards(
     Raises ConfigError/DataError (one line, naming the file or flag) for bad input, an unwritable
     output, or an output written with different settings (refused before touching it).
     """
-    import webdataset  # noqa: F401  (slow: torch; imported before timing, inherited by forked workers)
-
     from facegan_dist.progress import make_progress
 
     cfg.validate()
@@ -536,9 +557,13 @@ def write_shards(
     settings = shard_settings(cfg, source)
     source_info = {"path": str(source.path), "kind": source.kind}
     plans = plan_shards(cfg, source)
-    out = Path(cfg.out).expanduser().absolute()
-    _check_existing_output(out, settings, source_info)
+    # After the source is read (a bad source creates no folder), before any shard is written.
+    out = out_dir(Path(cfg.out).expanduser().absolute(), "--out")
+    manifest_damaged = _check_existing_output(out, settings, source_info)
     _prepare_output(out)
+    # Slow (torch): after the checks, so bad input fails fast; before timing and the workers'
+    # fork, so they inherit it.
+    import webdataset  # noqa: F401
 
     run_record = {
         "format_version": FORMAT_VERSION,
@@ -558,8 +583,9 @@ def write_shards(
             todo.append(plan)
     planned = {p.name for p in plans}
     strays = [p for p in out.iterdir() if SHARD_RE.match(p.name) and p.name not in planned]
-    if todo or strays:
-        # The old manifest (same settings) is about to stop describing the folder: drop it first.
+    if todo or strays or manifest_damaged:
+        # The old manifest (same settings) is about to stop describing the folder, or describes
+        # nothing (damaged, rebuilt below from the .state records): drop it first.
         (out / MANIFEST).unlink(missing_ok=True)
     _remove_leftovers(out, planned)
     _write_json_atomic(out / STATE_DIR / RUN_RECORD, run_record)
@@ -602,6 +628,8 @@ def write_shards(
     seconds = time.perf_counter() - start
 
     manifest = _build_manifest(source_info, settings, source.attribute_names, plans, records)
+    if not manifest["total"]:
+        _refuse_empty(out, source.path, plans, manifest["skipped"])
     _write_json_atomic(out / MANIFEST, manifest)
     return ShardResult(
         out=out,
@@ -620,14 +648,41 @@ def _guard(out: Path, records: Iterator[dict[str, Any]]) -> Iterator[dict[str, A
         yield from records
     except DataError:
         raise
-    except cf.process.BrokenProcessPool:
+    except BrokenProcessPool:
         raise DataError(
             f"a worker process died while writing shards to {out} (out of memory?); "
             "re-run the same command to resume"
         ) from None
     except OSError as exc:
-        where = exc.filename or out
-        raise DataError(f"cannot write {where}: {exc.strerror or exc}") from None
+        raise _write_error(Path(exc.filename) if exc.filename else out, exc) from None
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _write_error(path: Path, exc: OSError) -> DataError:
+    """A failed write as one line. The folder stays resumable: finished shards and their records
+    are kept, partial files are deleted by the caller (or by the next run), no manifest is left
+    that names an unfinished shard."""
+    reason = exc.strerror or errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+    todo = "free some space and " if exc.errno in _NO_SPACE else ""
+    return DataError(
+        f"cannot write {path}: {reason}; finished shards are kept: "
+        f"{todo}re-run the same command to resume"
+    )
+
+
+def _refuse_empty(out: Path, src: Path, plans: list[ShardPlan], skipped: list[dict]) -> None:
+    """Every image was unreadable: no 0-image manifest. The empty shards go too, so the folder
+    holds no output (only .state/run.json, which makes a re-run compare its settings)."""
+    for plan in plans:
+        (out / plan.name).unlink(missing_ok=True)
+        (out / STATE_DIR / (plan.name + ".json")).unlink(missing_ok=True)
+    first = f"{skipped[0]['file']}: {skipped[0]['reason']}" if skipped else "none listed"
+    raise DataError(
+        f"no readable image in {src}: all {len(skipped)} image file(s) are unreadable "
+        f"(first: {first}); nothing written to {out}"
+    )
 
 
 def _kept_record(out: Path, plan: ShardPlan, fingerprint: str) -> dict[str, Any] | None:
@@ -648,23 +703,40 @@ def _kept_record(out: Path, plan: ShardPlan, fingerprint: str) -> dict[str, Any]
     return rec
 
 
-def _check_existing_output(out: Path, settings: dict[str, Any], source: dict[str, str]) -> None:
-    """Refuse (touching nothing) an output written with other settings or from another source."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} exists and is not a folder")
-    if not out.is_dir():
-        return
+def _check_existing_output(out: Path, settings: dict[str, Any], source: dict[str, str]) -> bool:
+    """Refuse (touching nothing) an output written with other settings or from another source.
+
+    The settings come from manifest.json, or from .state/run.json (written first) when there is
+    no manifest (an interrupted run) or it is damaged. A damaged manifest with a readable run.json
+    is rebuilt by this run from the .state records (what the readers' error message tells the
+    user to do); the return value says so. Without either file nothing can be compared: refused.
+    """
+    from facegan_dist.data.stream import ManifestError, read_manifest
+
     manifest_path, run_path = out / MANIFEST, out / STATE_DIR / RUN_RECORD
-    prev, label = None, None
-    for path in (manifest_path, run_path):
-        if path.is_file():
-            prev = _read_json(path)
-            label = path
-            if not isinstance(prev, dict) or not isinstance(prev.get("settings"), dict):
-                raise DataError(f"{path} is unreadable; use a new --out or delete {out}")
-            break
+    prev, label, damaged = None, None, None
+    if manifest_path.is_file():
+        try:
+            prev, label = read_manifest(out), manifest_path
+        except ManifestError as exc:
+            if not exc.repairable:
+                raise DataError(f"{exc}; use a new --out") from None
+            damaged = exc.problem  # the reader's diagnosis, without its advice
+    if prev is None and run_path.is_file():
+        prev, label = _read_json(run_path), run_path
+        if not isinstance(prev, dict) or not isinstance(prev.get("settings"), dict):
+            also = f" ({damaged})" if damaged else ""
+            raise DataError(
+                f"{run_path} is unreadable{also}, so the settings of the shards in {out} are "
+                f"unknown; delete {out} or use a new --out"
+            )
     if prev is None:
-        return
+        if damaged:
+            raise DataError(
+                f"{damaged}, and {run_path} is missing, so the settings of the shards in {out} "
+                f"are unknown; delete {out} or use a new --out"
+            )
+        return False
     old_src = prev.get("source") or {}
     if old_src != source:
         raise ConfigError(
@@ -681,17 +753,13 @@ def _check_existing_output(out: Path, settings: dict[str, Any], source: dict[str
         raise ConfigError(
             f"{out} was written with {was} (this run: {now}, see {label.name}); use a new --out"
         )
+    return damaged is not None
 
 
 def _prepare_output(out: Path) -> None:
-    """Create OUT and OUT/.state, turning permission problems into one-line errors."""
-    probe = out
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise DataError(f"cannot write to --out {out}: {probe} is not writable")
+    """Create OUT/.state and check that a file can be made in it (out_dir checked OUT itself)."""
     try:
-        (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        (out / STATE_DIR).mkdir(exist_ok=True)
         test = out / STATE_DIR / f".write-test-{os.getpid()}"
         test.write_bytes(b"")
         test.unlink()
@@ -769,23 +837,18 @@ def verify_shards(out: Path | str) -> VerifyReport:
     path = out / MANIFEST
     if not path.is_file():
         raise DataError(f"{out} has no {MANIFEST} (not a shard folder, or sharding never finished)")
-    manifest = _read_json(path)
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
-        raise DataError(f"{path} is not a valid shard manifest")
-    from facegan_dist.data.stream import unsafe_shard_names
+    from facegan_dist.data.stream import read_manifest
 
-    unsafe = unsafe_shard_names(manifest)
-    if unsafe:
-        raise DataError(f"{path} names a shard outside its folder: {unsafe[0]!r} (refused)")
-    attribute_names = manifest.get("attribute_names") or []
-    n_attrs = len(attribute_names) if isinstance(attribute_names, list) else 0
+    # Every field this function reads is there with its type (one line naming it otherwise).
+    manifest = read_manifest(out, full=True)
+    n_attrs = len(manifest.get("attribute_names") or [])
     problems: list[tuple[str, str]] = []
     names: set[str] = set()
     n_shards = n_samples = 0
     grand = 0
     for split, entry in manifest["splits"].items():
         split_count = 0
-        for shard in entry.get("shards", []):
+        for shard in entry["shards"]:
             name = shard["name"]
             names.add(name)
             n_shards += 1
@@ -795,13 +858,13 @@ def verify_shards(out: Path | str) -> VerifyReport:
                 problems.append((name, problem))
             else:
                 n_samples += problem
-        if split_count != entry.get("count"):
+        if split_count != entry["count"]:
             problems.append(
-                (MANIFEST, f"{split} count {entry.get('count')} != sum of its shards {split_count}")
+                (MANIFEST, f"{split} count {entry['count']} != sum of its shards {split_count}")
             )
         grand += split_count
-    if manifest.get("total") != grand:
-        problems.append((MANIFEST, f"total {manifest.get('total')} != sum of splits {grand}"))
+    if manifest["total"] != grand:
+        problems.append((MANIFEST, f"total {manifest['total']} != sum of splits {grand}"))
     for stray in sorted(p.name for p in out.glob("*.tar") if p.name not in names):
         problems.append((stray, "stray shard not listed in the manifest"))
     return VerifyReport(out=out, shards=n_shards, samples=n_samples, problems=problems)
@@ -890,10 +953,17 @@ def _read_json(path: Path) -> Any:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
+    """tmp + fsync + rename; on failure the tmp file is removed and the error names `path`."""
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:  # Ctrl-C included: no temp file is left behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _write_error(path, exc) from None
+        raise

@@ -66,6 +66,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,52 +81,129 @@ _TORCHVISION_DEPRECATION = "The image decoding and encoding capabilities of Torc
 SUPPORTED_FORMAT_VERSIONS = (1,)
 
 
-def read_manifest(shard_dir: Path) -> dict:
-    """Load `shard_dir/manifest.json` (written last by `facegan shard`, so it means "complete")."""
+class ManifestError(DataError):
+    """manifest.json is damaged or malformed: `problem` (naming the file and the field) + `fix`.
+
+    `repairable`: `facegan shard` may rebuild it from the .state records (not so for a manifest
+    of another format version, which a newer facegan wrote).
+    """
+
+    def __init__(self, problem: str, fix: str = "", repairable: bool = True) -> None:
+        super().__init__(f"{problem}; {fix}" if fix else problem)
+        self.problem, self.repairable = problem, repairable
+
+
+def read_manifest(shard_dir: Path, *, full: bool = False) -> dict:
+    """Load and check `shard_dir/manifest.json` (written last by `facegan shard`: "complete").
+
+    The one place that checks a manifest's structure, for every reader (`train`, `evaluate`,
+    `verify`, ...): each field the readers use must be there with its type, so a damaged or
+    hand-edited manifest is one line naming the file and the field, never a KeyError later.
+    `full` also requires what `facegan verify` compares (`total`, each shard's bytes and sha256).
+    Values that merely disagree (counts that do not add up, a wrong hash) are verify's business.
+    """
     shard_dir = Path(shard_dir)
     path = shard_dir / "manifest.json"
     if not path.is_file():
         raise DataError(f"{shard_dir} has no manifest.json; run `facegan shard` first")
+    fix = _manifest_fix(shard_dir)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is unreadable: {e}") from e
+        raise ManifestError(f"{path} is unreadable ({e})", fix) from None
     if not text.strip():
-        raise DataError(f"{path} is empty; run `facegan shard` again")
+        raise ManifestError(f"{path} is empty", fix)
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e}); run `facegan shard` again") from e
-    if not isinstance(manifest, dict) or not manifest:
-        raise DataError(f"{path} is empty; run `facegan shard` again")
-    version = manifest.get("format_version")
-    if version not in SUPPORTED_FORMAT_VERSIONS:
-        raise DataError(f"{path} has format_version {version!r}; this reader supports 1")
-    if not isinstance(manifest.get("splits"), dict):
-        raise DataError(f"{path} has no 'splits' table")
-    settings = manifest.get("settings")
-    size = settings.get("size") if isinstance(settings, dict) else None
-    if not isinstance(size, int) or size < 1:
-        raise DataError(f"{path} has no valid settings.size (got {size!r})")
-    bad = unsafe_shard_names(manifest)
-    if bad:
-        raise DataError(f"{path} names a shard outside its folder: {bad[0]!r} (refused)")
+        raise ManifestError(f"{path} is not valid JSON ({e})", fix) from None
+    _check_manifest(manifest, path, fix, full)
     return manifest
 
 
-def unsafe_shard_names(manifest: dict) -> list[str]:
-    """Shard names that are not plain file names in the shard folder ('../x.tar', '/abs.tar',
-    'sub/x.tar'): a tampered manifest must not make the reader open files elsewhere."""
-    bad = []
-    for entry in manifest.get("splits", {}).values():
-        shards = entry.get("shards", []) if isinstance(entry, dict) else []
-        for shard in shards if isinstance(shards, list) else []:
-            name = shard.get("name") if isinstance(shard, dict) else None
-            if not isinstance(name, str):
-                continue  # malformed entries are reported by the caller that reads them
-            if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
-                bad.append(name)
-    return bad
+def _manifest_fix(shard_dir: Path) -> str:
+    """What repairs a damaged manifest: `facegan shard` rebuilds it from OUT/.state when run.json
+    there says how the shards were written (shards.write_shards), else the folder is lost."""
+    if (shard_dir / ".state" / "run.json").is_file():
+        return "re-run the `facegan shard` command that wrote it: it rewrites the manifest"
+    return "shard the source again into a new folder (no .state/run.json to rebuild it from)"
+
+
+def _check_manifest(m: object, path: Path, fix: str, full: bool) -> None:
+    def bad(what: str) -> ManifestError:
+        return ManifestError(f"{path}: {what}", fix)
+
+    def need(obj: dict, key: str, where: str, kind: str, required: bool = True) -> Any:
+        """obj[key] if it has the type `kind` names (a key of _KINDS); None if absent and
+        not required."""
+        if key not in obj:
+            if required:
+                raise bad(f"{where or 'the manifest'} has no {key!r}")
+            return None
+        value = obj[key]
+        test, want = _KINDS[kind]
+        if not test(value):
+            raise bad(f"{where + '.' if where else ''}{key} is {_show(value)}, expected {want}")
+        return value
+
+    if not isinstance(m, dict):
+        raise bad(f"not a JSON object (it holds {_show(m)})")
+    version = need(m, "format_version", "", "count")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        supported = ", ".join(map(str, SUPPORTED_FORMAT_VERSIONS))
+        raise ManifestError(
+            f"{path} has format_version {version!r}; this reader supports {supported}",
+            repairable=False,
+        )
+    need(need(m, "settings", "", "object"), "size", "settings", "size")
+    names = need(m, "attribute_names", "", "list", required=False) or []
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise bad(f"attribute_names[{i}] is {_show(name)}, expected a string")
+    need(m, "total", "", "count", required=full)
+    for split, entry in need(m, "splits", "", "object").items():
+        where = f"splits.{split}"
+        if not isinstance(entry, dict):
+            raise bad(f"{where} is {_show(entry)}, expected an object")
+        need(entry, "count", where, "count")
+        for i, shard in enumerate(need(entry, "shards", where, "list")):
+            at = f"{where}.shards[{i}]"
+            if not isinstance(shard, dict):
+                raise bad(f"{at} is {_show(shard)}, expected an object")
+            name = need(shard, "name", at, "str")
+            if _unsafe_name(name):
+                raise ManifestError(f"{path} names a shard outside its folder: {name!r} (refused)")
+            need(shard, "count", at, "count")
+            need(shard, "bytes", at, "count", required=full)
+            need(shard, "sha256", at, "str", required=full)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not a count
+
+
+_KINDS = {  # manifest field types: (test, what the message says is expected)
+    "count": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "list": (lambda v: isinstance(v, list), "a list"),
+    "object": (lambda v: isinstance(v, dict), "an object"),
+}
+_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+               int: "an integer", float: "a number"}  # fmt: skip
+
+
+def _show(v: object) -> str:
+    """A JSON value for a one-line message: its JSON type and (shortened) text."""
+    if v is None:
+        return "null"
+    text = json.dumps(v)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"{_JSON_TYPES.get(type(v), type(v).__name__)} {text}"
+
+
+def _unsafe_name(name: str) -> bool:
+    return name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
 
 
 @dataclass(frozen=True)
@@ -343,13 +421,7 @@ class ShardStream(IterableDataset):
             )
         shards = []
         for name in names:
-            try:
-                entries = [(str(e["name"]), int(e["count"])) for e in splits[name]["shards"]]
-            except (KeyError, TypeError, ValueError) as e:
-                raise DataError(
-                    f"{self.shard_dir / 'manifest.json'}: split '{name}' has a malformed shard "
-                    f"list ({type(e).__name__}: {e})"
-                ) from e
+            entries = [(e["name"], e["count"]) for e in splits[name]["shards"]]  # types checked
             for file_name, count in entries:
                 path = self.shard_dir / file_name
                 if not path.is_file():

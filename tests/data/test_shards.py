@@ -5,6 +5,7 @@ Tiny on purpose (16-32 px, --shard-size 7 so every split has several shards or a
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -375,29 +376,58 @@ def test_bad_settings_name_the_flag(synth_kaggle_zip, tmp_path):
         shard(synth_kaggle_zip, tmp_path / "out", crop="face")
 
 
-@pytest.mark.skipif(
-    hasattr(os, "geteuid") and os.geteuid() == 0,
-    reason="root ignores permissions (the CLI test covers it with setpriv)",
-)
+# Root ignores permission bits: as root the check runs in a child that keeps uid 0 but loses the
+# capabilities that override them (setpriv, util-linux), so it runs on CI containers too.
+_NO_DAC = "-dac_override,-dac_read_search"
+_UNWRITABLE = """
+import sys
+from facegan_dist.config import ShardConfig
+from facegan_dist.data.shards import write_shards
+from facegan_dist.errors import ConfigError
+for out in sys.argv[2:]:
+    try:
+        write_shards(ShardConfig(src=sys.argv[1], out=out, size=16, workers=1))
+    except ConfigError as exc:
+        print(exc)
+"""
+
+
 def test_unwritable_output(synth_kaggle_zip, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
+    outs = [locked / "out", locked]
     try:
-        if os.access(locked, os.W_OK):
-            pytest.skip("chmod has no effect here")
-        with pytest.raises(DataError, match="cannot write to --out"):
-            shard(synth_kaggle_zip, locked / "out")
-        with pytest.raises(DataError, match="cannot write to --out"):
-            shard(synth_kaggle_zip, locked)
+        if not os.access(locked, os.W_OK):
+            messages = []
+            for out in outs:
+                with pytest.raises(ConfigError, match="--out") as exc:
+                    shard(synth_kaggle_zip, out)
+                messages.append(str(exc.value))
+        else:
+            if os.geteuid() != 0 or shutil.which("setpriv") is None:
+                pytest.fail("chmod 500 has no effect and setpriv cannot drop root's override")
+            args = ["setpriv", "--bounding-set", _NO_DAC, "--inh-caps", _NO_DAC, sys.executable,
+                    "-c", _UNWRITABLE, str(synth_kaggle_zip), *map(str, outs)]  # fmt: skip
+            p = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+            assert p.returncode == 0 and not p.stderr, p.stderr
+            messages = p.stdout.splitlines()
+        assert len(messages) == 2, messages
+        assert messages[0].startswith(f"--out {outs[0]}: cannot create the folder"), messages
+        assert messages[1] == f"--out {locked}: the folder is not writable", messages
+        assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o700)
 
 
-def test_unwritable_output_not_a_folder(synth_kaggle_zip, tmp_path):
+def test_out_that_is_a_file_or_under_one(synth_kaggle_zip, tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(DataError, match="not a folder"):
+    with pytest.raises(ConfigError, match=r"--out .*/file: is a file, not a folder"):
         shard(synth_kaggle_zip, tmp_path / "file")
+    with pytest.raises(ConfigError, match=r"--out .*/file/sub: .*/file is a file, not a folder"):
+        shard(synth_kaggle_zip, tmp_path / "file" / "sub")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    assert (tmp_path / "file").read_text() == "x"
 
 
 def test_different_settings_refused_and_untouched(synth_kaggle_zip, plain_image_folder, tmp_path):
@@ -518,6 +548,39 @@ def test_resume_after_real_sigkill(plain_image_folder, tmp_path):
     assert ref.manifest["total"] == 300
 
 
+def test_failed_manifest_write_leaves_no_temp_file_and_resumes(synth_kaggle_zip, tmp_path,
+                                                              monkeypatch):  # fmt: skip
+    """The disk fills up as the manifest is written: one line naming manifest.json, its temp file
+    removed, the shards kept; the next run writes the same manifest. (Shard writes under a real
+    file size limit, with 1 and 2 workers: tests/cli/test_shard_cli.py.)"""
+    import facegan_dist.data.shards as shards_mod
+
+    out = tmp_path / "out"
+    shard(synth_kaggle_zip, out)
+    reference = (out / "manifest.json").read_bytes()
+    (out / "manifest.json").unlink()
+    real_dump = json.dump
+
+    def dump(obj, f, **kw):
+        if Path(f.name).name.startswith("manifest.json."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_dump(obj, f, **kw)
+
+    monkeypatch.setattr(shards_mod.json, "dump", dump)
+    with pytest.raises(DataError) as exc:
+        shard(synth_kaggle_zip, out)
+    assert str(exc.value) == (
+        f"cannot write {out / 'manifest.json'}: No space left on device; finished shards are "
+        "kept: free some space and re-run the same command to resume"
+    )
+    assert not (out / "manifest.json").exists()
+    assert [p.name for p in out.rglob("*") if ".tmp" in p.name] == []
+    monkeypatch.undo()
+    r = shard(synth_kaggle_zip, out)
+    assert (r.kept, r.written) == (9, 0)
+    assert (out / "manifest.json").read_bytes() == reference
+
+
 # ----------------------------------------------------------------------------- verify
 
 
@@ -550,6 +613,70 @@ def test_verify_recounts_samples(tmp_path, synth_kaggle_zip):
     m["total"] += 1
     (out / "manifest.json").write_text(json.dumps(m))
     assert dict(verify_shards(out).problems) == {"train-000000.tar": "7 samples != manifest 8"}
+
+
+@pytest.fixture(scope="module")
+def sharded(synth_kaggle_zip, tmp_path_factory) -> Path:
+    """A finished shard folder of the 60-image zip, shared read-only."""
+    out = tmp_path_factory.mktemp("sharded") / "out"
+    shard(synth_kaggle_zip, out)
+    return out
+
+
+def _set(path: str, value):
+    """A manifest edit: `path` like "splits.train.shards.0.count"; value _DEL deletes it."""
+
+    def edit(m: dict) -> None:
+        *parents, last = [int(k) if k.isdigit() else k for k in path.split(".")]
+        for k in parents:
+            m = m[k]
+        if value is _DEL:
+            del m[last]
+        else:
+            m[last] = value
+
+    return edit
+
+
+_DEL = object()
+_FIELD = "splits.train.shards[0]"
+
+
+@pytest.mark.parametrize(
+    "edit,problem",
+    [
+        (_set("splits.train.shards.0.count", _DEL), f"{_FIELD} has no 'count'"),
+        (_set("splits.train.shards.0.count", "7"),
+         f'{_FIELD}.count is a string "7", expected an integer >= 0'),
+        (_set("splits.train.shards.0.bytes", -1), f"{_FIELD}.bytes is an integer -1, expected"),
+        (_set("splits.train.shards.0.sha256", None), f"{_FIELD}.sha256 is null, expected a string"),
+        (_set("splits.train.shards.0.name", 3), f"{_FIELD}.name is an integer 3, expected a str"),
+        (_set("splits.train.shards.0", "train-000000.tar"), f"{_FIELD} is a string"),
+        (_set("splits.train.shards", {}), "splits.train.shards is an object {}, expected a list"),
+        (_set("splits.train.count", True), "splits.train.count is a boolean true, expected an"),
+        (_set("splits.val", []), "splits.val is a list [], expected an object"),
+        (_set("splits", None), "splits is null, expected an object"),
+        (_set("settings.size", 0), "settings.size is an integer 0, expected an integer >= 1"),
+        (_set("settings", _DEL), "the manifest has no 'settings'"),
+        (_set("attribute_names", [1]), "attribute_names[0] is an integer 1, expected a string"),
+        (_set("total", _DEL), "the manifest has no 'total'"),
+        (_set("format_version", _DEL), "the manifest has no 'format_version'"),
+    ],
+)  # fmt: skip
+def test_verify_names_the_malformed_manifest_field(sharded, tmp_path, edit, problem):
+    """Every field verify reads is checked in one place (stream.read_manifest): a malformed one
+    is one line naming manifest.json and the field (a missing count was a KeyError)."""
+    out = tmp_path / "out"
+    (out / ".state").mkdir(parents=True)  # the manifest is refused before any shard is read
+    shutil.copy(sharded / ".state" / "run.json", out / ".state" / "run.json")
+    m = json.loads((sharded / "manifest.json").read_text())
+    edit(m)
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError) as exc:
+        verify_shards(out)
+    message = str(exc.value)
+    assert message.startswith(f"{out / 'manifest.json'}: {problem}"), message
+    assert "\n" not in message and "re-run the `facegan shard` command" in message
 
 
 def test_verify_without_manifest(tmp_path):

@@ -240,6 +240,25 @@ def test_missing_or_empty_manifest_is_a_data_error(tmp_path):
     (tmp_path / "manifest.json").write_text("")
     with pytest.raises(DataError, match="manifest.json is empty"):
         read_manifest(tmp_path)
+    # a JSON value that is not an object is not "empty"; without .state/ the shard command
+    # cannot rebuild it, and the advice says so
+    (tmp_path / "manifest.json").write_text("[1, 2, 3]")
+    with pytest.raises(DataError) as exc:
+        read_manifest(tmp_path)
+    assert str(exc.value) == (
+        f"{tmp_path / 'manifest.json'}: not a JSON object (it holds a list [1, 2, 3]); shard the "
+        "source again into a new folder (no .state/run.json to rebuild it from)"
+    )
+
+
+def test_reader_names_a_malformed_shard_entry(shards, tmp_path):
+    root = Path(shutil.copytree(shards[0], tmp_path / "copy"))
+    m = json.loads((root / "manifest.json").read_text())
+    del m["splits"]["train"]["shards"][1]["count"]
+    (root / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match=r"manifest.json: splits.train.shards\[1\] has no 'count'"):
+        ShardStream(root, batch_per_device=2)
+    assert read_manifest(shards[0])  # the reader needs no bytes/sha256 (verify does)
 
 
 def test_bad_settings_are_config_errors(shards):
