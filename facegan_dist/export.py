@@ -74,7 +74,14 @@ def writable_file(path: Path, flag: str) -> Path:
     `writable_dir`). The file itself is not created."""
     from facegan_dist.paths import out_file
 
-    path = out_file(Path(path), flag)
+    path = Path(path)
+    try:
+        out_file(path, flag)
+    except ConfigError as exc:  # out_file names the folder; the user typed the file
+        why = str(exc).removeprefix(f"{flag} ")
+        if why.startswith(f"{path}: "):
+            raise
+        raise ConfigError(f"{flag} {path}: cannot be written ({why})") from None
     _try_create(path, path.with_name(f".{path.name}.{os.getpid()}.probe.tmp"), flag)
     return path
 
