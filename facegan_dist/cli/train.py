@@ -107,7 +107,8 @@ def train_cmd(
     data: Annotated[
         Path | None,
         typer.Option(
-            help="Shard folder from `facegan shard` (size/attributes from its manifest).",
+            help="Shard folder from `facegan shard` (size/attributes from its manifest). "
+            "Required (or taken from the checkpoint with --resume).",
             rich_help_panel=DATA,
         ),
     ] = None,
@@ -138,7 +139,7 @@ def train_cmd(
         Path | None,
         typer.Option(
             "--config",
-            help="TOML/YAML/JSON file of options; flags override it.",
+            help="TOML/YAML/JSON file of options; flags override it. \\[default: none]",
             rich_help_panel=DATA,
         ),
     ] = None,
@@ -517,7 +518,8 @@ def train_cmd(
         typer.Option(
             "--restart",
             help="Start over in an --out that holds a run: its files are first MOVED to "
-            "OUT.old-<date>-<time> beside it (nothing is deleted). Not with --resume.",
+            "OUT.old-<date>-<time> beside it (nothing is deleted). Not with --resume. "
+            "\\[default: off]",
             rich_help_panel=LOG,
         ),
     ] = False,
@@ -537,7 +539,8 @@ def train_cmd(
         typer.Option(help="W&B run name. \\[default: run folder name]", rich_help_panel=LOG),
     ] = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the resolved config and exit.")
+        bool,
+        typer.Option("--dry-run", help="Print the resolved config and exit. \\[default: off]"),
     ] = False,
 ) -> None:
     """Train a GAN on a shard folder. Steps are G updates; progress is counted in images.

@@ -119,10 +119,11 @@ def test_restart_moves_the_old_run_aside_and_starts_over(shards, run):
 @pytest.mark.parametrize("kind", ["file", "under-file", "proc"])
 def test_out_that_cannot_be_a_folder_is_one_line(shards, tmp_path, kind):
     (tmp_path / "f").write_text("x")
-    out = {"file": tmp_path / "f", "under-file": tmp_path / "f" / "run",
-           "proc": Path("/proc/facegan-run")}[kind]  # fmt: skip
+    out, why = {"file": (tmp_path / "f", "is a file, not a folder"),
+                "under-file": (tmp_path / "f" / "run", f"{tmp_path / 'f'} is a file"),
+                "proc": (Path("/proc/facegan-run"), "cannot create the folder")}[kind]  # fmt: skip
     result = cli("train", "--data", shards, "--out", out, *TINY, "--max-steps", 1)
-    one_error_line(result, "--out", str(out))
+    one_error_line(result, f"--out {out}", why)
     assert (tmp_path / "f").read_text() == "x"
 
 
@@ -168,13 +169,21 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(run):
 
 
 def test_damaged_checkpoints_without_a_fallback_are_one_line(run):
-    # an explicit --resume of a damaged checkpoint names the file (was: "EOFError")
+    # a core caller that skips resolve_config's check: loading names the file (was: "EOFError")
+    from facegan_dist.errors import CheckpointError
+    from facegan_dist.train.loop import resolve_config, train
+
+    cfg, ckpt = resolve_config(None, None, {"out": run, "resume": "auto", "max_steps": 5})
     (run / "checkpoints" / CKPT4 / "optimizer.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=f"{ckpt / 'optimizer.bin'}: empty file"):
+        train(cfg, resume_from=ckpt)
+    # an explicit --resume of a damaged checkpoint names the file too, before any work
     before = snapshot(run)
     result = cli("train", "--out", run, "--resume", run / "checkpoints" / CKPT4,
                  "--max-steps", 5)  # fmt: skip
     one_error_line(result, "damaged checkpoint", str(run / "checkpoints" / CKPT4 / "optimizer.bin"),
                    "empty file")  # fmt: skip
+    assert snapshot(run) == before
     # auto with every checkpoint damaged: no silent fresh start
     damage(run / "checkpoints" / CKPT2 / "model_1.safetensors", "truncated")
     before = snapshot(run)
