@@ -217,15 +217,14 @@ def compute_directions(cfg: DirectionsConfig, state=None, log=print) -> dict:
     from facegan_dist.data.stream import read_manifest
     from facegan_dist.export import writable_file
     from facegan_dist.latent import seed_z
-    from facegan_dist.sampling import find_generator, load_unconditional_generator
+    from facegan_dist.sampling import load_unconditional_generator
 
     cfg.validate()
-    _, _, run_dir = find_generator(cfg.source)
-    out = Path(cfg.out) if cfg.out else Path(run_dir) / DIRECTIONS_NAME
-    for path in (out, meta_path(out)):  # before any work (the classifier takes minutes)
-        writable_file(path, "--out")
     device = state.device if state is not None else "cpu"
     G, meta, info = load_unconditional_generator(cfg.source, device, ema=cfg.ema)
+    out = Path(cfg.out) if cfg.out else Path(info["run_dir"]) / DIRECTIONS_NAME
+    for path in (out, meta_path(out)):  # before any work (the classifier takes minutes)
+        writable_file(path, "--out")
     manifest = read_manifest(cfg.data)
     if manifest["settings"]["size"] != meta["resolution"]:
         raise ConfigError(

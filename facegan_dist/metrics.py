@@ -596,20 +596,19 @@ def evaluate(cfg: EvaluateConfig, state=None, log=None) -> dict:
     """Run `facegan evaluate` (every rank calls it); rank 0 writes the JSON result."""
     from facegan_dist import dist
     from facegan_dist.export import atomic_write_text, writable_dir, writable_file
-    from facegan_dist.sampling import find_generator, load_any_generator
+    from facegan_dist.sampling import load_any_generator
 
     if cfg.features not in FEATURES:
         raise ConfigError(f"--features {cfg.features!r} must be one of {', '.join(FEATURES)}")
     if cfg.features == "inception":
         inception_weights_path(cfg.inception_weights)  # fail before loading anything else
+    device = state.device if state is not None else "cpu"
+    G, meta, info = load_any_generator(cfg.source, device, ema=cfg.ema)
     # the output before any work (its default lies in the run folder of the source)
-    _, _, run_dir = find_generator(cfg.source)
     if cfg.out is not None:
         writable_file(Path(cfg.out), "--out")
     else:
-        writable_dir(Path(run_dir) / "eval", "--out")
-    device = state.device if state is not None else "cpu"
-    G, meta, info = load_any_generator(cfg.source, device, ema=cfg.ema)
+        writable_dir(Path(info["run_dir"]) / "eval", "--out")
     from facegan_dist.data.stream import read_manifest
 
     manifest = read_manifest(cfg.data)

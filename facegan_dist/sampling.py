@@ -390,8 +390,6 @@ def sample(cfg: SampleConfig, state=None) -> dict:
     from facegan_dist.export import atomic_write_text, writable_dir
 
     plan = cfg.plan()
-    find_generator(cfg.source)  # a missing source is named before --out is created
-    out = writable_dir(Path(cfg.out), "--out")  # every rank; a bad --out fails before any work
     rank, world = dist.world(state)
     device = state.device if state is not None else "cpu"
     G, meta, info = load_any_generator(cfg.source, device, ema=cfg.ema)
@@ -415,6 +413,8 @@ def sample(cfg: SampleConfig, state=None) -> dict:
                         "faces of one class when `facegan directions` ran)"
                     )
             edits.append(edit)
+    # inputs first (nothing is created for a bad source), then the output, then the work
+    out = writable_dir(Path(cfg.out), "--out")  # every rank
     written: list[Path] = []
 
     def z_of(seeds: list[int]) -> Tensor:

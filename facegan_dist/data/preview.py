@@ -14,8 +14,8 @@ def contact_sheet(shard_dir: Path, out: Path, n: int = 64, split: str = "all", s
     a file, an unwritable place) is one ConfigError naming --out, before any image is read."""
     from facegan_dist.export import writable_file
 
+    probe = ShardStream(shard_dir, split=split, batch_per_device=1)  # reads the manifest only
     writable_file(Path(out), "--out")
-    probe = ShardStream(shard_dir, split=split, batch_per_device=1)
     n = max(1, min(n, probe.num_samples))
     stream = ShardStream(shard_dir, split=split, batch_per_device=n, seed=seed, shuffle_buffer=1)
     images, _attrs = next(iter(stream))

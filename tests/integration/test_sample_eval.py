@@ -248,3 +248,70 @@ def test_evaluate_without_inception_weights_is_one_line(run, shards, tmp_path, m
 # The Inception path end to end (torch-fidelity's network from a weights file) is
 # tests/unit/test_metrics.py::test_evaluate_inception_end_to_end_from_a_weights_file; a
 # torchvision Inception file is refused there (test_bad_inception_weights_are_one_line...).
+
+
+# ---- a broken export, checkpoint or directions file is named in one line (issue 12, item 6) ----
+
+GENERATOR_JSON_PROBLEMS = {
+    "missing": None,
+    "invalid-json": "{",
+    "not-an-object": "[1, 2, 3]",
+    "missing-keys": '{"arch": "dcgan"}',
+    "bad-value": "arch=transformer",
+}
+
+
+@pytest.mark.parametrize("problem", list(GENERATOR_JSON_PROBLEMS))
+def test_generator_json_problems_name_generator_json(problem, tmp_path):
+    from facegan_dist.export import META_NAME
+
+    run = tiny_run(tmp_path / "run", ["a"], ema=False)
+    meta_path = run / "export" / META_NAME
+    text = GENERATOR_JSON_PROBLEMS[problem]
+    if text is None:
+        meta_path.unlink()
+    elif text.startswith("arch="):
+        meta = json.loads(meta_path.read_text())
+        meta_path.write_text(json.dumps({**meta, "arch": text.removeprefix("arch=")}))
+    else:
+        meta_path.write_text(text)
+    for source in (run, run / "export"):
+        r = invoke("sample", source, "--out", tmp_path / "o", "--seeds", 0)
+        assert_one_line_error(r)
+        assert r.stderr.startswith(f"error: {meta_path}: "), r.stderr
+    assert not (tmp_path / "o").exists()  # refused before --out was created
+
+
+def test_empty_weights_files_are_named(run, tmp_path):
+    """An empty generator.safetensors, checkpoint ema.safetensors or directions.safetensors is one
+    line naming that file (an EOFError from such a read used to print `error: aborted`)."""
+    import shutil
+
+    from facegan_dist.export import WEIGHTS_NAME
+
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    (broken / "export" / WEIGHTS_NAME).write_bytes(b"")
+    r = invoke("sample", broken, "--out", tmp_path / "o", "--seeds", 0)
+    assert_one_line_error(r, f"{broken / 'export' / WEIGHTS_NAME}: cannot load generator")
+
+    ckpt = tmp_path / "ck" / "checkpoints" / "step-000000001"
+    ckpt.mkdir(parents=True)
+    meta = json.loads((run / "export" / "generator.json").read_text())
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "generator": meta}))
+    (ckpt / "model.safetensors").write_bytes(b"")
+    r = invoke("sample", tmp_path / "ck", "--out", tmp_path / "o", "--seeds", 0)
+    assert_one_line_error(r, f"{ckpt / 'model.safetensors'}: cannot load generator")
+    # the checkpoint's generator config is blamed on trainer_state.json, not on the weights
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "generator": {"arch": "x"}}))
+    r = invoke("sample", tmp_path / "ck", "--out", tmp_path / "o", "--seeds", 0)
+    assert_one_line_error(r, f"{ckpt / 'trainer_state.json'}: no resolution")
+
+    dirs = tmp_path / "d.safetensors"
+    dirs.write_bytes(b"")
+    r = invoke("sample", run, "--out", tmp_path / "o", "--edit", "attr_0=1", "--directions", dirs)
+    assert_one_line_error(r, f"{dirs}: cannot load directions")
+    shutil.copy(run / "directions.safetensors", dirs)
+    dirs.with_suffix(".json").write_text("[1]")  # its .json is the broken part: named
+    r = invoke("sample", run, "--out", tmp_path / "o", "--edit", "attr_0=1", "--directions", dirs)
+    assert_one_line_error(r, f"{dirs.with_suffix('.json')}: cannot load directions")
