@@ -100,7 +100,8 @@ def shard_cmd(
 ) -> None:
     """Crop and resize a face dataset once into WebDataset tar shards + manifest.json.
 
-    Re-running the same command resumes: finished shards are kept, the rest redone.
+    Re-running the same command resumes: finished shards are kept, the rest redone (a damaged
+    manifest.json is rebuilt).
     """
     from facegan_dist.config import ShardConfig
     from facegan_dist.data.shards import write_shards

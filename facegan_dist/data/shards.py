@@ -25,7 +25,14 @@ an uninterrupted one. The manifest has no timestamps for that reason.
 
 Invariant: if `manifest.json` exists, every shard it names is complete and matches it. A re-run that
 must rewrite anything removes the old manifest first; output written with different settings is
-refused before anything is touched.
+refused before anything is touched. A damaged manifest (what `stream.read_manifest` rejects) is
+rebuilt from the .state records when `.state/run.json` says the settings match, which is what the
+readers' error message tells the user to do.
+
+Failures: a write that fails (disk full, file size limit) is one DataError naming the file; Ctrl-C
+(the pool workers ignore SIGINT, the main process stops them) and errors alike delete the partial
+shards and temp files, and keep the finished shards and their records, so the same command resumes.
+A source none of whose images decode is an error, not a 0-image manifest.
 """
 
 from __future__ import annotations
