@@ -227,6 +227,13 @@ def test_evaluate_attributes_caches_real_stats_keyed_and_invalidated(
     assert again["fid"] == pytest.approx(res["fid"], rel=1e-6)
     r = invoke(*args[:-4], "--n", 40, "--kid-subsets", 5)
     assert r.exit_code == 0 and (shards / "stats" / "attributes-train-40.safetensors").is_file()
+    # more generated than real images: a warning on stderr names both counts (issue 12, item 5)
+    r = invoke(*args[:-4], "--n", 120, "--kid-subsets", 2)
+    assert r.exit_code == 0, r.output
+    warning = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "--n 120" in warning[0] and "has 96 images" in warning[0]
+    res = json.loads((run / "eval" / "attributes-train-120.json").read_text())
+    assert res["n"] == 120 and res["n_real"] == 96
     # a changed manifest invalidates the real statistics (and the classifier: retrained)
     manifest = shards / "manifest.json"
     text = manifest.read_text()
