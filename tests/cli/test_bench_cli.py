@@ -48,3 +48,19 @@ def test_bench_bad_flag_is_one_line():
     res = runner.invoke(app, ["bench", "train", "--steps", "0"])
     assert res.exit_code == 1
     assert res.stderr.strip() == "error: --steps 0 must be at least 1"
+
+
+def test_bench_bad_values_are_one_line_before_any_work():
+    """Checked before the accelerator, the models or the synthetic dataset exist."""
+    cases = {
+        ("bench", "train", "--precision", "fp8"): "error: --precision 'fp8' must be one of no, ",
+        ("bench", "train", "--preset", "cgan"): "(conditional presets are not benchmarked)",
+        ("bench", "train", "--preset", "nope"): "error: --preset 'nope' must be one of paper-",
+        ("bench", "data", "--format", "gif"): "error: --format 'gif' must be one of jpg, png",
+        ("bench", "data", "--size", "20"): "error: --size 20 must be one of 16, 32",
+        ("bench", "data", "--workers", "0"): "error: --workers 0 must be at least 1",
+    }
+    for args, needle in cases.items():
+        res = runner.invoke(app, list(args))
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 1 and len(lines) == 1 and needle in lines[0], (args, res.output)

@@ -122,3 +122,12 @@ def test_atomic_writes_leave_no_temp_file_when_the_write_fails(tmp_path, monkeyp
         tmp.write_text("half")
         raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_directions_out_must_name_the_safetensors_file(setup, tmp_path):
+    r = runner.invoke(
+        app, ["directions", str(setup["run"]), "--data", str(setup["shards"]), "--n", "20",
+              "--out", str(tmp_path / "d.json")],
+    )  # fmt: skip
+    assert r.exit_code == 1 and r.stderr.startswith("error: --out "), r.output
+    assert ".safetensors" in r.stderr and list(tmp_path.iterdir()) == []
