@@ -12,10 +12,11 @@ torchrun's agent behaviours changed (torch `distributed/elastic/agent/server/api
    PET_SIGNALS_TO_HANDLE; torch PR #160690) and this process forwards them to the training
    processes itself. They finish the step, checkpoint and exit 0; the agent sees its workers
    succeed and returns as after a complete run: exit 0, no traceback, no 30 s deadline.
-2. A training process that fails. The agent raises `ChildFailedError` and Python prints its
-   traceback plus a failure report after the process's own `error:` line. Here the launcher
-   exits with that process's exit code and adds nothing (a process killed by a signal gets one
-   line naming its rank and the signal, since it could not say so itself).
+2. A training process that fails. The agent logs it, raises `ChildFailedError`, and Python
+   prints its traceback plus a failure report after the process's own `error:` line. Here the
+   launcher exits with that process's exit code and adds nothing; only for a process killed by
+   a signal (it could not say so itself) the agent's one log line stays: `failed (exitcode: -9)
+   local_rank: 1 (pid: N)`. So does it before an elastic restart (`--max_restarts`).
 
 A training process of torchrun runs in a session of its own, so a Ctrl-C in the terminal reaches
 only the launcher, which forwards it. One that shares the launcher's process group (the 1-process
@@ -53,16 +54,22 @@ def _forward(signum: int, frame) -> None:
             pass
 
 
-def _report(exc) -> int:
-    """The exit code for a failed training process; one line only where it could not speak."""
-    rank, failure = exc.get_first_failure()
-    if failure.exitcode < 0:
-        print(
-            f"error: rank {rank} (pid {failure.pid}) was killed by {failure.signal_name()}",
-            file=sys.stderr,
-        )
-        return 128 - failure.exitcode
-    return failure.exitcode or 1
+class _QuietAgent(logging.Filter):
+    """Drops the agent's lines that repeat what a failed process said itself: `failed
+    (exitcode: N > 0) ...` and `Sending process N closing signal ...` (the others' shutdown)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        if msg.startswith("failed (exitcode") and record.args:
+            return not (isinstance(record.args[0], int) and record.args[0] > 0)
+        return not msg.startswith("Sending process")
+
+
+def _exit_code(exc) -> int:
+    """A failed run's exit code: the first failed process's, 128 + N for one killed by signal N
+    (the shell's convention)."""
+    _rank, failure = exc.get_first_failure()
+    return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,15 +78,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # torchrun's agent keeps SIGHUP/SIGQUIT (terminal gone, core dump); the stop signals are ours
     os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
-    # the agent's own "failed (exitcode: 1) ..." and "Sending process N closing signal" lines
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_QuietAgent())
     for sig in STOP_SIGNALS:
         signal.signal(sig, _forward)
     args = launch_command_parser().parse_args(argv)
     try:
         launch_command(args)
     except ChildFailedError as exc:  # torchrun (several processes)
-        return _report(exc)
+        return _exit_code(exc)
     except subprocess.CalledProcessError as exc:  # the 1-process launcher; the child spoke
         return exc.returncode if exc.returncode > 0 else 128 - exc.returncode
     return 0
