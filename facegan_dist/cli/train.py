@@ -592,6 +592,11 @@ def train_cmd(
             print(dumps(cfg))
             if ckpt is not None:
                 print(f"# would resume from {ckpt}", file=sys.stderr)
+            from facegan_dist.train.checkpoint import aside_name, run_entries
+
+            if cfg.restart and run_entries(cfg.run_dir):
+                print(f"# would move the run in {cfg.run_dir} to {aside_name(cfg.run_dir)}",
+                      file=sys.stderr)  # fmt: skip
             return
         result = train(cfg, resume_from=ckpt)
     if result.checkpoint is None:

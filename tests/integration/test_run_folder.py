@@ -96,6 +96,9 @@ def test_fresh_run_into_a_run_folder_is_refused_and_touches_nothing(shards, run)
 
 def test_restart_moves_the_old_run_aside_and_starts_over(shards, run):
     before = snapshot(run)
+    dry = cli("train", "--data", shards, "--out", run, *TINY, "--restart", "--dry-run")
+    assert dry.exit_code == 0 and f"would move the run in {run} to {run}.old-" in dry.stderr
+    assert snapshot(run) == before and not list(run.parent.glob("run.old-*"))
     result = cli("train", "--data", shards, "--out", run, *TINY, "--max-steps", 2,
                  "--ckpt-every", 2, "--restart")  # fmt: skip
     assert result.exit_code == 0, result.output
