@@ -1,6 +1,7 @@
 """Item 3: elastic restart. `accelerate launch --max_restarts 2 ... --resume auto`: when one
 training process dies (SIGKILL of rank 1), torchrun restarts both and the run continues from its
-newest checkpoint to the end, on the FIRST restart.
+newest checkpoint to the end, on the FIRST restart. Launched through launch/accelerate_launch.py
+(the launcher launch/slurm.sbatch uses), which keeps torchrun's one line naming the killed rank.
 
 Restarts need the c10d rendezvous with a fresh store per attempt (docs/RELIABILITY.md):
 `--rdzv_backend c10d` on the command line (accelerate 1.15 ignores `rdzv_backend` in a config
@@ -44,7 +45,7 @@ def test_killed_rank_restarts_and_resumes(tmp_path):
                 "--max_restarts", "2", "--monitor_interval", "0.5"]  # fmt: skip
     cmd = launch_cmd("--data", str(shards), "--out", str(out), *TINY, "--ckpt-every", "3",
                      "--wandb-mode", "disabled", "--max-steps", str(total), "--resume", "auto",
-                     launcher_args=launcher)  # fmt: skip
+                     launcher_args=launcher, wrapper=True)  # fmt: skip
     environ = env(
         TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", PET_RDZV_ENDPOINT=f"127.0.0.1:{free_port()}"
     )
@@ -59,6 +60,7 @@ def test_killed_rank_restarts_and_resumes(tmp_path):
         if proc.poll() is None:
             stop(proc)
     assert proc.returncode == 0, stderr[-4000:]
+    assert f"failed (exitcode: -9) local_rank: 1 (pid: {pids[1]})" in stderr, stderr[-4000:]
     banners = [line for line in stderr.splitlines() if line.startswith("facegan train:")]
     assert len(banners) == 2, banners  # the first run, then ONE restart that resumed
     assert "resumed from" in banners[1] and f"-> {total}" in banners[1], banners

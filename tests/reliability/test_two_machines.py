@@ -1,6 +1,7 @@
 """Item 4: two "machines" on one host: two launchers with --num_machines 2 and --machine_rank 0/1
 (one process each) rendezvous over loopback and train together to the end, sharing one --out
-folder (a shared filesystem)."""
+folder (a shared filesystem). Machine 0 launches through launch/accelerate_launch.py (what
+launch/slurm.sbatch runs on every node), machine 1 with plain `accelerate launch`: they mix."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def test_two_launchers_train_together_over_loopback(tmp_path):
             launcher = ["--num_machines", "2", "--num_processes", "2", "--machine_rank",
                         str(machine_rank), "--main_process_ip", "127.0.0.1",
                         "--main_process_port", port]  # fmt: skip
-            procs.append(start(launch_cmd(*args, launcher_args=launcher)))
+            cmd = launch_cmd(*args, launcher_args=launcher, wrapper=machine_rank == 0)
+            procs.append(start(cmd))
         results = [p.communicate(timeout=240) for p in procs]
     finally:
         for p in procs:
