@@ -17,6 +17,14 @@ removes the temp folder and raises the same one-line CheckpointError on every ra
 same collectives, so no rank waits in a barrier that another one skipped. Loading reads nothing
 that can run code (safetensors, JSON, `torch.load(weights_only=True)`), and every rank fails or
 succeeds together.
+
+Damage (a complete folder with an empty, truncated or missing file): `find_resume` reads every
+file back first (`check_files`). `--resume auto` steps over a damaged newest checkpoint to the
+newest intact one, with a warning; the resumed run renames later checkpoints to `*.damaged` /
+`*.superseded` (`set_aside_newer`) so they are kept but never reused.
+
+The run folder as a whole: RUN_ENTRIES are what a run writes there; a fresh run refuses a folder
+holding any of them, and `--restart` moves them to a sibling `OUT.old-<date>-<time>`.
 """
 
 from __future__ import annotations
