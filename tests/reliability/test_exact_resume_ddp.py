@@ -3,7 +3,12 @@ stopped by SIGTERM and resumed with `--resume auto`, ends bit-identical to the s
 alone: G, D, the EMA, both Adam states and every metrics row (timing aside).
 
 What must survive the stop for that: every rank's RNG states, the data stream's position (each
-loader worker's slot and offset, docs/SHARDS.md), the EMA, the optimizers' step counts."""
+loader worker's slot and offset, docs/SHARDS.md), the EMA, the optimizers' step counts.
+
+The preempted run goes through plain `accelerate launch` and its launcher gets the SIGTERM: the
+ranks checkpoint and exit 0, the launcher exits 1 with torchrun's `SignalException` traceback,
+the only one in its stderr (launch/README.md; launch/accelerate_launch.py exits 0 instead,
+test_sigterm_ddp.py)."""
 
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from tests.reliability._common import (
     start,
     state,
     stop,
+    tracebacks,
     wait_for,
 )
 
@@ -60,23 +66,26 @@ def test_exact_resume_two_processes_two_workers_is_bit_identical(tmp_path):
             "--ckpt-every", "100000", "--max-steps", str(STEPS),
             "--wandb-mode", "disabled"]  # fmt: skip
 
-    def cmd(out: Path, *extra: str) -> list[str]:
+    def cmd(out: Path, *extra: str, wrapper: bool = True) -> list[str]:
         port = ["--main_process_port", str(free_port())]
-        return launch_cmd("--out", str(out), *extra, launcher_args=port, wrapper=True)
+        return launch_cmd("--out", str(out), *extra, launcher_args=port, wrapper=wrapper)
 
     straight, split = tmp_path / "straight", tmp_path / "split"
     done = run(cmd(straight, *args), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    proc = start(cmd(split, *args))
+    proc = start(cmd(split, *args, wrapper=False))
     try:
         wait_for(lambda: metric_rows(split) >= 3, proc)
-        proc.send_signal(signal.SIGTERM)  # the launcher forwards it to both ranks
+        proc.send_signal(signal.SIGTERM)  # torchrun's agent forwards it to both ranks
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             stop(proc)
-    assert proc.returncode == 0 and "stopped by SIGTERM" in stderr, stderr[-3000:]
+    assert "stopped by SIGTERM" in stderr and stdout.startswith("preempted: step "), stderr[-3000:]
+    assert proc.returncode == 1, (proc.returncode, stderr[-3000:])
+    errors = tracebacks(stderr)  # no rank failed: the launcher's own traceback only
+    assert errors and all("SignalException" in e and "signal: 15" in e for e in errors), errors
     [stopped] = complete_checkpoints(split)
     k = state(stopped)["step"]
     assert 3 <= k < STEPS, k  # stopped mid-run, not at the end

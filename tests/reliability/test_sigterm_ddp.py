@@ -9,7 +9,8 @@ launcher's exit code is the one launch/README.md documents:
   terminal's SIGINT reaches only the launcher);
 - plain `accelerate launch` forwards the signal to its workers, which checkpoint and exit 0, and
   then exits 1 with torchrun's `SignalException` traceback (torch
-  `elastic/agent/server/api.py` re-raises it): the only traceback in its stderr.
+  `elastic/agent/server/api.py` re-raises it): checked in test_exact_resume_ddp.py, whose
+  preemption goes through it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from tests.reliability._common import (
     start,
     state,
     stop,
-    tracebacks,
     wait_for,
 )
 
@@ -96,17 +96,6 @@ def test_stop_signals_two_processes_exit_codes_checkpoint_and_resume(tmp_path):
     assert s2 >= s1 + 3 and second["images_seen"] == s2 * 16
     assert second["wandb_run_id"] == first["wandb_run_id"]
 
-    # ---- 3. plain `accelerate launch`, resumed, SIGINT to the launcher: checkpoint, exit 1 ----
-    cmd = launch_cmd(*common, "--resume", "auto", launcher_args=port())
-    rc, stdout, stderr = _stop_after(cmd, out, s2 + 3, _launcher_only(signal.SIGINT))
-    assert rc == 1, (rc, stderr[-3000:])
-    assert "stopped by SIGINT" in stderr and stdout.startswith("preempted: step "), stderr[-3000:]
-    errors = tracebacks(stderr)  # no worker failed: the launcher's own traceback only
-    assert errors and all("SignalException" in e and "signal: 2" in e for e in errors), errors
-    third = state(complete_checkpoints(out)[-1])
-    s3 = third["step"]
-    assert s3 >= s2 + 3 and third["rank_param_sha256"][0] == third["rank_param_sha256"][1]
-
-    assert metric_steps(out) == list(range(1, s3 + 1))  # no duplicated or missing rows
+    assert metric_steps(out) == list(range(1, s2 + 1))  # no duplicated or missing rows
     runs = sorted((out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 3 and all(r.name.endswith("-" + first["wandb_run_id"]) for r in runs)
+    assert len(runs) == 2 and all(r.name.endswith("-" + first["wandb_run_id"]) for r in runs)
