@@ -108,23 +108,105 @@ def dumps(cfg: Any) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Training
+#
+# Each `facegan train` option is declared once, here: its TrainConfig field carries the type and
+# default, and `option()` adds the help text, the help panel and the accepted values. The CLI
+# (cli/train.py) builds its options from these fields, validate() checks the choices, config
+# files are read against them and --dry-run prints them. Everything here is torch-free, so that
+# `facegan --help` starts in milliseconds; the models, losses and augmentations import their
+# choice tuples from here.
 
 PRECISIONS = ("no", "bf16", "fp16")
 WANDB_MODES = ("online", "offline", "disabled")
-# The choices of the train flags whose implementations import torch (models, losses, augment,
-# metrics). They are listed here, torch-free, so that `facegan --help` starts in milliseconds;
-# tests/cli/test_train_help.py checks each one against the implementing module's own tuple and
-# against what `facegan train --help` prints.
-ARCH_CHOICES = ("mlp", "dcgan")  # models.ARCHS
-ACT_CHOICES = ("relu", "leaky")  # models.mlp.ACTS
-UPSAMPLE_CHOICES = ("convtranspose", "nearest", "bilinear", "nearest-last")  # models.UPSAMPLES
-D_NORM_CHOICES = ("batch", "none", "auto")  # models.D_NORMS + auto
-SPECTRAL_NORM_CHOICES = ("none", "d", "g", "both")  # models.SPECTRAL_NORMS
+ARCH_CHOICES = ("mlp", "dcgan")  # models.build_models
+ACT_CHOICES = ("relu", "leaky")  # models.mlp: relu = paper T1, leaky = T2 (LeakyReLU 0.2)
+UPSAMPLE_CHOICES = ("convtranspose", "nearest", "bilinear", "nearest-last")  # models.dcgan
+D_NORMS = ("batch", "none")  # what models.dcgan's D builds; "auto" resolves to one of them
+D_NORM_CHOICES = (*D_NORMS, "auto")
+SPECTRAL_NORM_CHOICES = ("none", "d", "g", "both")  # models.apply_spectral_norm on G and/or D
 LOSS_CHOICES = ("ns", "minimax", "wgan", "wgan-gp", "hinge")  # losses.LOSSES
-AUGMENT_CHOICES = ("color", "translation", "cutout")  # train.augment.POLICIES (a subset)
+WASSERSTEIN = ("wgan", "wgan-gp")  # losses whose default is 5 critic steps per G step
+AUGMENT_CHOICES = ("color", "translation", "cutout")  # train.augment (a subset, comma-separated)
 EVAL_FEATURES = ("attributes", "inception")  # metrics.FEATURES
 DATA_CACHES = ("none", "device")
 ON_NONFINITE = ("stop", "rollback")
+
+
+def parse_policy(text: str | None) -> tuple[str, ...]:
+    """--augment: 'color,translation,cutout' -> a tuple; '' / None / 'none' -> () (off)."""
+    if not text or text == "none":
+        return ()
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    for p in parts:
+        if p not in AUGMENT_CHOICES:
+            raise ConfigError(
+                f"--augment {p!r}: each policy must be one of {', '.join(AUGMENT_CHOICES)}"
+            )
+    return parts
+
+
+# Presets reproduce the paper's experiments (../shared/seeds/paper-gans-faces-pt.txt, section 6)
+# and the PyTorch DCGAN tutorial the paper's final networks follow. Values not listed keep the
+# TrainConfig default. The paper used Adam with lr 1e-4 and BCE on the minimax game.
+DEFAULT_PRESET = "quality"  # the quality study's winner (docs/QUALITY.md)
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper-mlp-relu": dict(arch="mlp", act="relu", loss="minimax", lr_g=1e-4, lr_d=1e-4,
+                           betas_g=(0.9, 0.999), betas_d=(0.9, 0.999), epochs=50, batch=128),
+    "paper-mlp-leaky": dict(arch="mlp", act="leaky", loss="minimax", lr_g=1e-4, lr_d=1e-4,
+                            betas_g=(0.9, 0.999), betas_d=(0.9, 0.999), epochs=50, batch=128),
+    "paper-dcgan": dict(arch="dcgan", loss="minimax", lr_g=1e-4, lr_d=1e-4,
+                        betas_g=(0.5, 0.999), betas_d=(0.5, 0.999), epochs=50, batch=128),
+    "paper-final": dict(arch="dcgan", loss="minimax", lr_g=1e-4, lr_d=1e-4,
+                        betas_g=(0.5, 0.999), betas_d=(0.5, 0.999), epochs=400, batch=128),
+    "tutorial": dict(arch="dcgan", loss="ns", lr_g=2e-4, lr_d=2e-4, betas_g=(0.5, 0.999),
+                     betas_d=(0.5, 0.999), epochs=5, batch=128),
+    # The quality study's winner (docs/QUALITY.md): the tutorial DCGAN with resize-conv upsampling
+    # in G, Adam betas (0, 0.99) and a 2 kimg EMA half-life (BatchNorm re-estimated for the EMA).
+    "quality": dict(arch="dcgan", loss="ns", upsample="nearest", lr_g=2e-4, lr_d=2e-4,
+                    betas_g=(0.0, 0.99), betas_d=(0.0, 0.99), ema_kimg=2.0, epochs=5, batch=128),
+    # Small and fast on 2 CPU cores: 32 px shards, narrow nets, a few minutes.
+    "demo": dict(arch="dcgan", loss="ns", g_width=32, d_width=32, lr_g=2e-4, lr_d=2e-4,
+                 betas_g=(0.5, 0.999), betas_d=(0.5, 0.999), batch=64, epochs=None,
+                 max_steps=3000, log_every=50, sample_every=500, ckpt_every=1000, n_samples=64,
+                 num_workers=1),
+    # WGAN-GP (Gulrajani et al. 2017): no BN in the critic, 5 critic steps, Adam(1e-4, 0, 0.9).
+    "wgan-gp": dict(arch="dcgan", loss="wgan-gp", d_steps=5, lr_g=1e-4, lr_d=1e-4,
+                    betas_g=(0.0, 0.9), betas_d=(0.0, 0.9), batch=64, epochs=20),
+    # SNGAN with the hinge loss (Miyato et al. 2018), one D step with beta1 = 0.5.
+    "sngan-hinge": dict(arch="dcgan", loss="hinge", spectral_norm="d", lr_g=2e-4, lr_d=2e-4,
+                        betas_g=(0.5, 0.999), betas_d=(0.5, 0.999), batch=64, epochs=20),
+    # Conditional DCGAN on all 40 CelebA attributes (projection D), tutorial optimiser.
+    "cgan": dict(arch="dcgan", loss="ns", condition="all", lr_g=2e-4, lr_d=2e-4,
+                 betas_g=(0.5, 0.999), betas_d=(0.5, 0.999), batch=128, epochs=5),
+}  # fmt: skip
+
+# The panels of `facegan train --help`, in the order the fields below first use them.
+DATA = "Data and output"
+MODEL = "Model"
+OBJ = "Objective and schedule"
+RUN = "Length, batch and numerics"
+LOG = "Logging, samples and checkpoints"
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    panel: str,
+    choices: tuple[str, ...] | None = None,
+    shown: str | None = None,
+    none: str = "none",
+    flag: str | None = None,
+) -> Any:
+    """A TrainConfig field together with its `facegan train` option.
+
+    `help` lists the choices where it says `{choices}` (at its start when it does not say it);
+    validate() accepts exactly `choices`. The help ends with the default: the field's value and
+    each preset's, or `shown` where the default is not a value (`shown=""`: no default), with
+    `none` naming a None value. `flag` is the option's declaration when it is not `--name`
+    (`--name/--no-name` for a boolean)."""
+    meta = dict(help=help, panel=panel, choices=choices, shown=shown, none=none, flag=flag)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -137,98 +219,174 @@ class TrainConfig:
     """
 
     # data and output
-    data: Path | None = None  # shard folder written by `facegan shard` (manifest.json inside)
-    out: Path | None = None  # run folder; default runs/<preset>
-    split: str = "train"  # shard split to train on: train | val | test | all
-    preset: str = "quality"  # name of the preset this config started from (informational)
+    data: Path | None = option(
+        None, "Shard folder from `facegan shard` (size/attributes from its manifest). Required "
+        "(or taken from the checkpoint with --resume).", panel=DATA, shown="")  # fmt: skip
+    out: Path | None = option(
+        None, "Run folder. A fresh run refuses one that holds a run: continue it with --resume "
+        "auto, or see --restart.", panel=DATA, shown="runs/<preset>")  # fmt: skip
+    split: str = option("train", "Shard split: {choices}.", panel=DATA, choices=SPLITS)
+    preset: str = option(  # the preset this config started from (informational once merged)
+        DEFAULT_PRESET, "{choices}. quality: the measured best (resize-conv G, Adam betas 0,0.99, "
+        "2 kimg EMA; docs/QUALITY.md). Options marked 'with --preset' take their default from "
+        "it.", panel=DATA, choices=tuple(PRESETS))  # fmt: skip
     # model
-    arch: str = "dcgan"  # mlp | dcgan
-    act: str = "relu"  # mlp hidden activation: relu (paper T1) | leaky (paper T2, LeakyReLU 0.2)
-    dropout: float = 0.3  # mlp dropout (the paper's networks)
-    z_dim: int = 100
-    g_width: int = 64  # DCGAN: channels of G's last hidden block (doubles towards the input)
-    d_width: int = 64  # DCGAN: channels of D's first block
-    upsample: str = "convtranspose"  # DCGAN G: convtranspose | nearest | bilinear (no checkerboard)
-    d_norm: str = "auto"  # DCGAN D: batch | none | auto (none for wgan-gp or a spectral-norm D)
-    spectral_norm: str = "none"  # none | d | g | both
-    mbstd: bool = False  # DCGAN D: minibatch standard deviation channel before the last layer
-    condition: str | None = None  # conditional GAN on attributes: "all" or "Smiling,Male,..."
+    arch: str = option("dcgan", "{choices}.", panel=MODEL, choices=ARCH_CHOICES)
+    act: str = option(
+        "relu", "MLP activation: {choices} (paper T1 | T2).", panel=MODEL, choices=ACT_CHOICES
+    )
+    dropout: float = option(0.3, "MLP dropout (the paper's networks).", panel=MODEL)
+    z_dim: int = option(100, "Latent size.", panel=MODEL)
+    g_width: int = option(  # channels of G's last hidden block (doubling towards the input)
+        64, "DCGAN G width.", panel=MODEL)  # fmt: skip
+    d_width: int = option(64, "DCGAN D width.", panel=MODEL)  # channels of D's first block
+    upsample: str = option(
+        "convtranspose", "DCGAN G upsampling: {choices} (nearest, bilinear: resize + 3x3 conv, "
+        "no checkerboard; nearest-last: resize-conv for the RGB layer only).", panel=MODEL,
+        choices=UPSAMPLE_CHOICES)  # fmt: skip
+    d_norm: str = option(
+        "auto", "DCGAN D norm: {choices} (auto: none for wgan-gp or a spectral-norm D, else "
+        "batch).", panel=MODEL, choices=D_NORM_CHOICES)  # fmt: skip
+    mbstd: bool = option(
+        False, "DCGAN D: minibatch standard deviation channel before its last layer (ProGAN); "
+        "shows D a batch's variety.", panel=MODEL)  # fmt: skip
+    spectral_norm: str = option(
+        "none", "Spectral normalisation of: {choices}.", panel=MODEL, choices=SPECTRAL_NORM_CHOICES
+    )
+    condition: str | None = option(
+        None, "Conditional GAN on shard attributes: all, or names like Smiling,Male.",
+        panel=MODEL, none="off")  # fmt: skip
     # objective and schedule
-    loss: str = "ns"  # ns (non-saturating, the lecture's fix) | minimax (paper: log(1-D(G(z))))
-    gp_lambda: float = 10.0  # wgan-gp: weight of the gradient penalty
-    clip: float = 0.01  # wgan: critic weights are clipped to [-clip, clip]
-    r1: float = 0.0  # R1 penalty gamma on real data (lazy: every 16 D steps); 0 = off
-    augment: str = ""  # DiffAugment policy, e.g. "color,translation,cutout"; "" = off
-    d_every: int = 1  # update D on one step in K
-    d_steps: int = 1  # D updates per G update
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
-    betas_g: tuple[float, float] = (0.5, 0.999)
-    betas_d: tuple[float, float] = (0.5, 0.999)
+    loss: str = option(
+        "ns", "{choices}: ns = non-saturating, minimax = the paper's log(1 - D(G(z))), wgan = "
+        "weight clipping (--clip), wgan-gp = gradient penalty (--gp-lambda), hinge = SNGAN's.",
+        panel=OBJ, choices=LOSS_CHOICES)  # fmt: skip
+    gp_lambda: float = option(10.0, "wgan-gp penalty weight.", panel=OBJ)
+    clip: float = option(0.01, "wgan weight clipping.", panel=OBJ)  # to [-clip, clip]
+    r1: float = option(0.0, "R1 gamma on real data, lazy every 16 D steps (0 = off).", panel=OBJ)
+    augment: str = option(  # "" = off; checked by parse_policy (a subset, not one choice)
+        "", "DiffAugment policy: a comma-separated subset of {choices}, or none.", panel=OBJ,
+        choices=AUGMENT_CHOICES)  # fmt: skip
+    d_every: int = option(
+        1, "Update D on one step in K (the paper's 'D critiques every 5').", panel=OBJ
+    )
+    d_steps: int = option(  # merge_train_config: 5 for the Wasserstein losses unless given
+        1, "D updates per G update.", panel=OBJ, shown="1; 5 with --loss wgan or wgan-gp"
+    )
+    lr_g: float = option(2e-4, "Adam lr of G.", panel=OBJ)
+    lr_d: float = option(2e-4, "Adam lr of D.", panel=OBJ)
+    betas_g: tuple[float, float] = option(
+        (0.5, 0.999), "Adam betas of G, e.g. 0.5,0.999.", panel=OBJ
+    )
+    betas_d: tuple[float, float] = option(
+        (0.5, 0.999), "Adam betas of D, e.g. 0.5,0.999.", panel=OBJ
+    )
     # length and batch
-    batch: int = 128  # GLOBAL batch; each of N processes gets batch / N
-    epochs: float | None = 5  # passes over the split; ignored when max_steps is set
-    max_steps: int | None = None  # G updates; overrides epochs
+    batch: int = option(128, "GLOBAL batch; each process gets batch / processes.", panel=RUN)
+    epochs: float | None = option(  # ignored when max_steps is set
+        5, "Passes over the split.", panel=RUN, none="off (--max-steps)"
+    )
+    max_steps: int | None = option(
+        None, "G updates; overrides --epochs.", panel=RUN, none="none (from --epochs)"
+    )
     # EMA of G (used for samples, grids, evaluation and the export)
-    ema_kimg: float = 10.0  # half-life in thousands of images; 0 = no EMA
-    ema_rampup: float | None = 0.05  # early on, half-life <= rampup * images seen (None: off)
+    ema_kimg: float = option(10.0, "EMA of G: half-life in kimg (0 = off).", panel=RUN)
+    ema_rampup: float | None = option(
+        0.05, "EMA ramp-up: half-life <= this x images seen.", panel=RUN, none="off"
+    )
     # numerics and devices
-    precision: str = "no"  # no | bf16 | fp16 (fp16 uses loss scaling; ignored on CPU)
-    seed: int = 0
-    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP (CUDA only)
-    deterministic: bool = False  # torch deterministic algorithms (tests, exact resume on GPU)
-    data_cache: str = "none"  # none (stream shards) | device (decode once into device memory)
-    hflip: bool = False  # random horizontal flips of real images (on the device)
-    compile: bool = False  # torch.compile G and D (D only without gradient penalties)
-    cuda_graphs: bool = False  # capture the whole step as one CUDA graph (one CUDA device)
-    channels_last: bool | None = None  # NHWC memory format; None = on for CUDA and CPU
-    tf32: bool | None = None  # TF32 matmuls/convolutions; None = on for CUDA (Ampere+)
-    fused_adam: bool | None = None  # the fused Adam kernel; None = on for CUDA
-    exact: bool = False  # bit-reproducible path: deterministic, fp32 math, no compile/fusion
-    num_workers: int | None = None  # loader processes per rank; None: see loader_workers()
-    shuffle_buffer: int = 1000  # samples held by each loader worker's shuffle buffer
+    precision: str = option(  # fp16 uses loss scaling; ignored on CPU
+        "no", "{choices} (fp16: GPU only).", panel=RUN, choices=PRECISIONS
+    )
+    seed: int = option(0, "Seed.", panel=RUN)
+    sync_bn: bool = option(False, "SyncBatchNorm under DDP (CUDA).", panel=RUN)
+    deterministic: bool = option(  # tests, exact resume on GPU
+        False, "Deterministic torch kernels.", panel=RUN
+    )
+    data_cache: str = option(
+        "none", "{choices}: none streams the shards; device decodes the split once into GPU "
+        "memory.", panel=RUN, choices=DATA_CACHES)  # fmt: skip
+    hflip: bool = option(False, "Random horizontal flips of real images.", panel=RUN)
+    compile: bool = option(  # D only without gradient penalties
+        False, "torch.compile G and D.", panel=RUN
+    )
+    cuda_graphs: bool = option(
+        False, "Replay the whole step as one CUDA graph (one CUDA device; one D step per G step, "
+        "no penalty/augmentation; not with --compile or fp16). Experimental.", panel=RUN,
+    )  # fmt: skip
+    # None = auto, resolved per device by fast_settings()
+    channels_last: bool | None = option(None, "NHWC.", panel=RUN, shown="on for CUDA and CPU")
+    tf32: bool | None = option(None, "TF32 math.", panel=RUN, shown="on for CUDA")  # Ampere+
+    fused_adam: bool | None = option(None, "Fused Adam.", panel=RUN, shown="on for CUDA")
+    exact: bool = option(  # deterministic, fp32 math, no compile/fusion
+        False, "Bit-reproducible: deterministic, no fast paths.", panel=RUN
+    )
+    num_workers: int | None = option(  # None: see loader_workers()
+        None, "Loader workers per process.", panel=RUN,
+        none="2, on CUDA min(8, CPUs per process - 1)")  # fmt: skip
+    shuffle_buffer: int = option(1000, "Shuffle buffer per loader worker.", panel=RUN)
     # evaluation during training (FID/KID of the EMA of G; the best one is exported to best/)
-    eval_every: int = 0  # steps between evaluations; 0 = never (evaluate later: facegan evaluate)
-    eval_n: int = 2000  # generated and real images per evaluation
-    eval_features: str = "attributes"  # attributes (offline, shard classifier) | inception
-    inception_weights: Path | None = None  # torch-fidelity's file; None = torch hub's cache
+    eval_every: int = option(  # 0 = never (evaluate later: facegan evaluate)
+        0, "Steps between FID/KID evaluations (0 = off); the best G goes to RUN/best/.",
+        panel=LOG)  # fmt: skip
+    eval_n: int = option(2000, "Images per evaluation.", panel=LOG)  # generated and real each
+    eval_features: str = option(
+        "attributes", "{choices}: attributes = the shards' label classifier (offline); "
+        "inception = the standard TF-FID network (needs its weights file, see "
+        "--inception-weights).", panel=LOG, choices=EVAL_FEATURES)  # fmt: skip
+    inception_weights: Path | None = option(
+        None, "--eval-features inception: the torch-fidelity weights file "
+        "(weights-inception-2015-12-05-6726825d.pth).", panel=LOG,
+        none="torch hub's cache")  # fmt: skip
     # faults
-    on_nonfinite: str = "stop"  # stop | rollback (to the last checkpoint, lower the lrs)
-    max_rollbacks: int = 3  # give up after this many rollbacks
-    rollback_lr_factor: float = 0.5  # learning rates are multiplied by this at each rollback
-    skip_bad_samples: bool = False  # an undecodable image is replaced and counted, not fatal
+    on_nonfinite: str = option(
+        "stop", "On a NaN/inf loss: {choices} (rollback: to the last checkpoint, lrs lowered).",
+        panel=LOG, choices=ON_NONFINITE)  # fmt: skip
+    max_rollbacks: int = option(3, "Rollbacks before giving up.", panel=LOG)
+    rollback_lr_factor: float = option(  # learning rates are multiplied by this at each rollback
+        0.5, "lr multiplier per rollback.", panel=LOG
+    )
+    skip_bad_samples: bool = option(
+        False, "Replace undecodable images (counted, logged) instead of stopping.", panel=LOG
+    )
     # logging, samples, checkpoints
-    log_every: int = 50  # steps between metrics.jsonl / W&B scalar rows
-    sample_every: int = 500  # steps between fixed-noise grids
-    n_samples: int = 64  # images in the fixed-noise grid
-    ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
-    keep: int = 3  # checkpoints kept (oldest deleted)
-    resume: str | None = None  # None | auto (newest intact checkpoint in out) | checkpoint path
-    # a fresh run into a folder holding a run is refused; restart=True moves that run aside to
+    log_every: int = option(50, "Steps between metric rows.", panel=LOG)  # metrics.jsonl / W&B
+    sample_every: int = option(500, "Steps between fixed-noise grids.", panel=LOG)
+    n_samples: int = option(64, "Images in the fixed-noise grid.", panel=LOG)
+    ckpt_every: int = option(  # one is always written at the end
+        1000, "Steps between checkpoints.", panel=LOG
+    )
+    keep: int = option(3, "Checkpoints to keep.", panel=LOG)  # the oldest are deleted
+    resume: str | None = option(
+        None, "auto (the newest intact checkpoint in --out; a damaged newer one is skipped with a "
+        "warning and kept) or a checkpoint folder.", panel=LOG,
+        none="none: a fresh run")  # fmt: skip
+    # A fresh run into a folder holding a run is refused; restart=True moves that run aside to
     # OUT.old-<date>-<time> first (nothing is deleted). Never inherited by a resume.
-    restart: bool = False
-    wandb_mode: str | None = None  # online | offline | disabled; None = offline without an API key
-    wandb_project: str = "facegan"
-    run_name: str | None = None  # W&B run name; default the run folder's name
+    restart: bool = option(
+        False, "Start over in an --out that holds a run: its files are first MOVED to "
+        "OUT.old-<date>-<time> beside it (nothing is deleted). Not with --resume.", panel=LOG,
+        flag="--restart")  # fmt: skip
+    wandb_mode: str | None = option(
+        None, "{choices}.", panel=LOG, choices=WANDB_MODES, none="offline without an API key"
+    )
+    wandb_project: str = option("facegan", "W&B project.", panel=LOG)
+    run_name: str | None = option(None, "W&B run name.", panel=LOG, none="run folder name")
 
     def validate(self) -> TrainConfig:
-        from facegan_dist.models import ARCHS
-
         def bad(flag: str, why: str) -> ConfigError:
             return ConfigError(f"{flag} {why}")
 
         if self.data is None:
             raise bad("--data", "is required: a shard folder written by `facegan shard`")
-        if self.arch not in ARCHS:
-            raise bad("--arch", f"{self.arch!r} must be one of {', '.join(ARCHS)}")
-        if self.act not in ACT_CHOICES:
-            raise bad("--act", f"{self.act!r} must be one of {', '.join(ACT_CHOICES)}")
+        for f in dataclasses.fields(self):  # every choice, from its declaration
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value is not None and f.name != "augment" and value not in choices:
+                flag = "--" + f.name.replace("_", "-")
+                raise bad(flag, f"{value!r} must be one of {', '.join(choices)}")
+        parse_policy(self.augment)
         if not 0 <= self.dropout < 1:
             raise bad("--dropout", f"{self.dropout} must be in [0, 1)")
-        from facegan_dist.losses import LOSSES
-
-        if self.loss not in LOSSES:
-            raise bad("--loss", f"{self.loss!r} must be one of {', '.join(LOSSES)}")
         for flag, v in (("--z-dim", self.z_dim), ("--g-width", self.g_width),
                         ("--d-width", self.d_width), ("--d-every", self.d_every),
                         ("--d-steps", self.d_steps), ("--batch", self.batch),
@@ -237,23 +395,11 @@ class TrainConfig:
                         ("--n-samples", self.n_samples)):  # fmt: skip
             if v < 1:
                 raise bad(flag, f"{v} must be at least 1")
-        from facegan_dist.models import D_NORMS, SPECTRAL_NORMS, UPSAMPLES
-        from facegan_dist.train.augment import parse_policy
-
-        if self.upsample not in UPSAMPLES:
-            raise bad("--upsample", f"{self.upsample!r} must be one of {', '.join(UPSAMPLES)}")
-        if self.d_norm not in (*D_NORMS, "auto"):
-            raise bad("--d-norm", f"{self.d_norm!r} must be one of {', '.join(D_NORM_CHOICES)}")
-        if self.spectral_norm not in SPECTRAL_NORMS:
-            raise bad(
-                "--spectral-norm",
-                f"{self.spectral_norm!r} must be one of {', '.join(SPECTRAL_NORMS)}",
-            )
         if self.mbstd and self.arch != "dcgan":
             raise bad("--mbstd", f"is a DCGAN discriminator layer (got --arch {self.arch})")
         if self.r1 < 0:
             raise bad("--r1", f"{self.r1} must be >= 0")
-        if self.r1 and self.loss in ("wgan", "wgan-gp"):
+        if self.r1 and self.loss in WASSERSTEIN:
             raise bad("--r1", f"is for the ns/minimax/hinge losses, not --loss {self.loss}")
         if not self.gp_lambda >= 0:
             raise bad("--gp-lambda", f"{self.gp_lambda} must be >= 0")
@@ -261,7 +407,6 @@ class TrainConfig:
             raise bad("--clip", f"{self.clip} must be > 0")
         if self.condition is not None and not self.condition.strip():
             raise bad("--condition", "must be 'all' or a comma-separated list of attributes")
-        parse_policy(self.augment)
         if self.d_steps > 32:
             raise bad("--d-steps", f"{self.d_steps} must be at most 32")
         if self.d_every > 1 and self.d_steps > 1:
@@ -280,31 +425,14 @@ class TrainConfig:
             raise bad("--epochs", "must be > 0 (or give --max-steps)")
         if self.max_steps is not None and self.max_steps < 1:
             raise bad("--max-steps", f"{self.max_steps} must be at least 1")
-        if self.precision not in PRECISIONS:
-            raise bad("--precision", f"{self.precision!r} must be one of {', '.join(PRECISIONS)}")
-        if self.wandb_mode is not None and self.wandb_mode not in WANDB_MODES:
-            raise bad(
-                "--wandb-mode", f"{self.wandb_mode!r} must be one of {', '.join(WANDB_MODES)}"
-            )
-        if self.split not in SPLITS:
-            raise bad("--split", f"{self.split!r} must be one of {', '.join(SPLITS)}")
         if self.eval_every < 0:
             raise bad("--eval-every", f"{self.eval_every} must be >= 0 (0 = off)")
         if self.eval_every and self.eval_n < 2:
             raise bad("--eval-n", f"{self.eval_n} must be at least 2")
-        if self.eval_features not in EVAL_FEATURES:
-            raise bad(
-                "--eval-features",
-                f"{self.eval_features!r} must be one of {', '.join(EVAL_FEATURES)}",
-            )
-        if self.on_nonfinite not in ON_NONFINITE:
-            raise bad("--on-nonfinite", f"{self.on_nonfinite!r} must be one of stop, rollback")
         if self.max_rollbacks < 0:
             raise bad("--max-rollbacks", f"{self.max_rollbacks} must be >= 0")
         if not 0 < self.rollback_lr_factor <= 1:
             raise bad("--rollback-lr-factor", f"{self.rollback_lr_factor} must be in (0, 1]")
-        if self.data_cache not in DATA_CACHES:
-            raise bad("--data-cache", f"{self.data_cache!r} must be one of none, device")
         if self.exact and (self.compile or self.cuda_graphs or self.tf32 or self.precision != "no"):
             raise bad(
                 "--exact", "excludes --compile, --cuda-graphs, --tf32 and --precision bf16/fp16"
@@ -374,42 +502,6 @@ class TrainConfig:
         return self.out if self.out is not None else Path("runs") / self.preset
 
 
-# Presets reproduce the paper's experiments (../shared/seeds/paper-gans-faces-pt.txt, section 6)
-# and the PyTorch DCGAN tutorial the paper's final networks follow. Values not listed keep the
-# TrainConfig default. The paper used Adam with lr 1e-4 and BCE on the minimax game.
-DEFAULT_PRESET = "quality"  # the quality study's winner (docs/QUALITY.md)
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper-mlp-relu": dict(arch="mlp", act="relu", loss="minimax", lr_g=1e-4, lr_d=1e-4,
-                           betas_g=(0.9, 0.999), betas_d=(0.9, 0.999), epochs=50, batch=128),
-    "paper-mlp-leaky": dict(arch="mlp", act="leaky", loss="minimax", lr_g=1e-4, lr_d=1e-4,
-                            betas_g=(0.9, 0.999), betas_d=(0.9, 0.999), epochs=50, batch=128),
-    "paper-dcgan": dict(arch="dcgan", loss="minimax", lr_g=1e-4, lr_d=1e-4,
-                        betas_g=(0.5, 0.999), betas_d=(0.5, 0.999), epochs=50, batch=128),
-    "paper-final": dict(arch="dcgan", loss="minimax", lr_g=1e-4, lr_d=1e-4,
-                        betas_g=(0.5, 0.999), betas_d=(0.5, 0.999), epochs=400, batch=128),
-    "tutorial": dict(arch="dcgan", loss="ns", lr_g=2e-4, lr_d=2e-4, betas_g=(0.5, 0.999),
-                     betas_d=(0.5, 0.999), epochs=5, batch=128),
-    # The quality study's winner (docs/QUALITY.md): the tutorial DCGAN with resize-conv upsampling
-    # in G, Adam betas (0, 0.99) and a 2 kimg EMA half-life (BatchNorm re-estimated for the EMA).
-    "quality": dict(arch="dcgan", loss="ns", upsample="nearest", lr_g=2e-4, lr_d=2e-4,
-                    betas_g=(0.0, 0.99), betas_d=(0.0, 0.99), ema_kimg=2.0, epochs=5, batch=128),
-    # Small and fast on 2 CPU cores: 32 px shards, narrow nets, a few minutes.
-    "demo": dict(arch="dcgan", loss="ns", g_width=32, d_width=32, lr_g=2e-4, lr_d=2e-4,
-                 betas_g=(0.5, 0.999), betas_d=(0.5, 0.999), batch=64, epochs=None,
-                 max_steps=3000, log_every=50, sample_every=500, ckpt_every=1000, n_samples=64,
-                 num_workers=1),
-    # WGAN-GP (Gulrajani et al. 2017): no BN in the critic, 5 critic steps, Adam(1e-4, 0, 0.9).
-    "wgan-gp": dict(arch="dcgan", loss="wgan-gp", d_steps=5, lr_g=1e-4, lr_d=1e-4,
-                    betas_g=(0.0, 0.9), betas_d=(0.0, 0.9), batch=64, epochs=20),
-    # SNGAN with the hinge loss (Miyato et al. 2018), one D step with beta1 = 0.5.
-    "sngan-hinge": dict(arch="dcgan", loss="hinge", spectral_norm="d", lr_g=2e-4, lr_d=2e-4,
-                        betas_g=(0.5, 0.999), betas_d=(0.5, 0.999), batch=64, epochs=20),
-    # Conditional DCGAN on all 40 CelebA attributes (projection D), tutorial optimiser.
-    "cgan": dict(arch="dcgan", loss="ns", condition="all", lr_g=2e-4, lr_d=2e-4,
-                 betas_g=(0.5, 0.999), betas_d=(0.5, 0.999), batch=128, epochs=5),
-}  # fmt: skip
-
-
 def load_config_file(path: Path) -> dict[str, Any]:
     """Read a TOML/YAML/JSON file of TrainConfig fields (flag names with - or _ both accepted)."""
     if not path.is_file():
@@ -442,7 +534,7 @@ def _coerce(name: str, value: Any, field_type: Any) -> Any:
     """Coerce JSON/TOML/YAML values to the field's type (paths, tuples, numbers)."""
     if value is None:
         return None
-    t = str(field_type)
+    t, given = str(field_type), value
     try:
         if "Path" in t:
             return Path(value)
@@ -466,7 +558,7 @@ def _coerce(name: str, value: Any, field_type: Any) -> Any:
             return int(value)
     except (TypeError, ValueError):
         flag = "--" + name.replace("_", "-")
-        raise ConfigError(f"{flag} {value!r} is not a valid {t}") from None
+        raise ConfigError(f"{flag} {given!r} is not a valid {t}") from None
     return value
 
 
@@ -498,8 +590,6 @@ def merge_train_config(
                 raise ConfigError(f"{label}: unknown option {k!r}")
             values[k] = v
     if "d_steps" not in values:  # the default number of D steps depends on the loss
-        from facegan_dist.losses import WASSERSTEIN
-
         values["d_steps"] = 5 if values.get("loss") in WASSERSTEIN else 1
     explicit = {k for src in (file_values, flags or {}) for k, v in src.items() if v is not None}
     if "epochs" in explicit and "max_steps" not in explicit:

@@ -104,7 +104,6 @@ LOSSES: dict[str, LossPair] = {
     "wgan-gp": LossPair(d=_d_wgan, g=_g_critic),
     "hinge": LossPair(d=_d_hinge, g=_g_critic),
 }
-WASSERSTEIN = ("wgan", "wgan-gp")  # losses whose default is 5 critic steps per G step
 
 
 def get_loss(kind: str) -> LossPair:

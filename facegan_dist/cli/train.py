@@ -7,36 +7,28 @@ and as plain `facegan train ...` (one process: CPU, MPS or one GPU).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
-from collections.abc import Iterable
+import typing
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from facegan_dist.cli.app import app, errors_to_exit
-from facegan_dist.config import (
-    ACT_CHOICES,
-    ARCH_CHOICES,
-    AUGMENT_CHOICES,
-    D_NORM_CHOICES,
-    DATA_CACHES,
-    DEFAULT_PRESET,
-    EVAL_FEATURES,
-    LOSS_CHOICES,
-    ON_NONFINITE,
-    PRECISIONS,
-    PRESETS,
-    SPECTRAL_NORM_CHOICES,
-    SPLITS,
-    UPSAMPLE_CHOICES,
-    WANDB_MODES,
-    TrainConfig,
-)
+from facegan_dist.config import DATA, DEFAULT_PRESET, PRESETS, TrainConfig
 
-# Help texts take choices and defaults from the code (config.py) rather than retyping them, so
-# they cannot drift; tests/cli/test_train_help.py reads the rendered help back.
-_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+try:  # typer >= 0.26 vendors Click
+    from typer._click.core import ParameterSource
+except ImportError:  # pragma: no cover - older typer with external click
+    from click.core import ParameterSource
+
+# Every option of `facegan train` but --config and --dry-run is a TrainConfig field: its type,
+# default, help, panel and choices are declared there (config.option) and the command's
+# parameters are built from them below. tests/cli/test_train_help.py reads the rendered help
+# back against the code.
+FIELDS = dataclasses.fields(TrainConfig)
+_HINTS = typing.get_type_hints(TrainConfig)
 
 
 def _show(v: Any) -> str:
@@ -49,10 +41,6 @@ def _show(v: Any) -> str:
     return str(v) or "none"
 
 
-def _choices(values: Iterable[str]) -> str:
-    return " | ".join(values)
-
-
 def _presets(names: list[str]) -> str:
     paper = [p for p in PRESETS if p.startswith("paper-")]
     if paper and all(p in names for p in paper):  # all four paper presets: paper-*
@@ -61,13 +49,15 @@ def _presets(names: list[str]) -> str:
     return ", ".join(names)
 
 
-def _default(name: str, none: str = "none") -> str:
-    """`[default: ...]` for TrainConfig field `name`: the default preset's value and, where other
-    presets set another one, theirs (`none` names a None value). Escaped for rich markup."""
+def _default(f: dataclasses.Field) -> str:
+    """`[default: ...]` for field `f`: the default preset's value and, where other presets set
+    another one, theirs (or the field's `shown` text). Escaped for rich markup."""
+    if f.metadata["shown"] is not None:
+        return f"\\[default: {f.metadata['shown']}]" if f.metadata["shown"] else ""
 
     def text(p: str) -> str:
-        v = PRESETS[p].get(name, _FIELD_DEFAULTS[name])
-        return none if v is None else _show(v)
+        v = PRESETS[p].get(f.name, f.default)
+        return f.metadata["none"] if v is None else _show(v)
 
     base = text(DEFAULT_PRESET)
     others: dict[str, list[str]] = {}
@@ -83,466 +73,81 @@ def _default(name: str, none: str = "none") -> str:
     return "\\[default: " + "; ".join(parts) + "]"
 
 
-DATA = "Data and output"
-MODEL = "Model"
-OBJ = "Objective and schedule"
-RUN = "Length, batch and numerics"
-LOG = "Logging, samples and checkpoints"
+def _help(f: dataclasses.Field) -> str:
+    text, choices = f.metadata["help"], f.metadata["choices"]
+    if choices and "{choices}" not in text:
+        text = "{choices}. " + text
+    text = text.replace("{choices}", " | ".join(choices or ()))
+    return f"{text} {_default(f)}".strip()
 
 
-def _betas(value: str | None) -> tuple[float, float] | None:
-    if value is None:
-        return None
-    try:
-        parts = tuple(float(x) for x in value.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"{value!r} is not two comma-separated numbers") from None
-    if len(parts) != 2:
-        raise typer.BadParameter(f"{value!r} must be two comma-separated numbers, e.g. 0.5,0.999")
-    return parts  # type: ignore[return-value]
+def _parameter(f: dataclasses.Field) -> inspect.Parameter:
+    """The typer option of TrainConfig field `f`. Its default never reaches the config: only the
+    options given on the command line are merged (see `train_cmd`)."""
+    hint, default = _HINTS[f.name], f.default
+    if typing.get_origin(hint) is tuple:  # "0.5,0.999": coerced (and checked) like a file's value
+        hint, default = str | None, None
+    flag = "--" + f.name.replace("_", "-")
+    if f.metadata["flag"]:
+        flag = f.metadata["flag"]
+    elif hint in (bool, bool | None):
+        flag = f"{flag}/--no-{flag[2:]}"
+    info = typer.Option(
+        flag, help=_help(f), rich_help_panel=f.metadata["panel"], show_default=False
+    )
+    return inspect.Parameter(
+        f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[hint, info]
+    )
 
 
-@app.command("train")
-def train_cmd(
-    data: Annotated[
-        Path | None,
-        typer.Option(
-            help="Shard folder from `facegan shard` (size/attributes from its manifest). "
-            "Required (or taken from the checkpoint with --resume).",
-            rich_help_panel=DATA,
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            help="Run folder. A fresh run refuses one that holds a run: continue it with "
-            "--resume auto, or see --restart. \\[default: runs/<preset>]",
-            rich_help_panel=DATA,
-        ),
-    ] = None,
-    split: Annotated[
-        str | None,
-        typer.Option(
-            help=f"Shard split: {_choices(SPLITS)}. {_default('split')}", rich_help_panel=DATA
-        ),
-    ] = None,
-    preset: Annotated[
-        str | None,
-        typer.Option(
-            help=f"{_choices(PRESETS)}. quality: the measured best (resize-conv G, Adam betas "
-            "0,0.99, 2 kimg EMA; docs/QUALITY.md). Options marked 'with --preset' take their "
-            f"default from it. \\[default: {DEFAULT_PRESET}]",
-            rich_help_panel=DATA,
-        ),
-    ] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            help="TOML/YAML/JSON file of options; flags override it. \\[default: none]",
-            rich_help_panel=DATA,
-        ),
-    ] = None,
-    arch: Annotated[
-        str | None,
-        typer.Option(help=f"{_choices(ARCH_CHOICES)}. {_default('arch')}", rich_help_panel=MODEL),
-    ] = None,
-    act: Annotated[
-        str | None,
-        typer.Option(
-            help=f"MLP activation: {_choices(ACT_CHOICES)} (paper T1 | T2). {_default('act')}",
-            rich_help_panel=MODEL,
-        ),
-    ] = None,
-    dropout: Annotated[
-        float | None,
-        typer.Option(help=f"MLP dropout. {_default('dropout')}", rich_help_panel=MODEL),
-    ] = None,
-    z_dim: Annotated[
-        int | None, typer.Option(help=f"Latent size. {_default('z_dim')}", rich_help_panel=MODEL)
-    ] = None,
-    g_width: Annotated[
-        int | None,
-        typer.Option(help=f"DCGAN G width. {_default('g_width')}", rich_help_panel=MODEL),
-    ] = None,
-    d_width: Annotated[
-        int | None,
-        typer.Option(help=f"DCGAN D width. {_default('d_width')}", rich_help_panel=MODEL),
-    ] = None,
-    upsample: Annotated[
-        str | None,
-        typer.Option(
-            help=f"DCGAN G upsampling: {_choices(UPSAMPLE_CHOICES)} (nearest, bilinear: resize "
-            "+ 3x3 conv, no checkerboard; nearest-last: resize-conv for the RGB layer only). "
-            f"{_default('upsample')}",
-            rich_help_panel=MODEL,
-        ),
-    ] = None,
-    d_norm: Annotated[
-        str | None,
-        typer.Option(
-            help=f"DCGAN D norm: {_choices(D_NORM_CHOICES)} (auto: none for wgan-gp or a "
-            f"spectral-norm D, else batch). {_default('d_norm')}",
-            rich_help_panel=MODEL,
-        ),
-    ] = None,
-    mbstd: Annotated[
-        bool | None,
-        typer.Option(
-            "--mbstd/--no-mbstd",
-            help="DCGAN D: minibatch standard deviation channel before its last layer "
-            f"(ProGAN); shows D a batch's variety. {_default('mbstd')}",
-            rich_help_panel=MODEL,
-        ),
-    ] = None,
-    spectral_norm: Annotated[
-        str | None,
-        typer.Option(
-            help=f"Spectral normalisation of: {_choices(SPECTRAL_NORM_CHOICES)}. "
-            f"{_default('spectral_norm')}",
-            rich_help_panel=MODEL,
-        ),
-    ] = None,
-    condition: Annotated[
-        str | None,
-        typer.Option(
-            help="Conditional GAN on shard attributes: all, or names like Smiling,Male. "
-            f"{_default('condition', none='off')}",
-            rich_help_panel=MODEL,
-        ),
-    ] = None,
-    loss: Annotated[
-        str | None,
-        typer.Option(
-            help=f"{_choices(LOSS_CHOICES)}: ns = non-saturating, minimax = the paper's "
-            "log(1 - D(G(z))), wgan = weight clipping (--clip), wgan-gp = gradient penalty "
-            f"(--gp-lambda), hinge = SNGAN's. {_default('loss')}",
-            rich_help_panel=OBJ,
-        ),
-    ] = None,
-    gp_lambda: Annotated[
-        float | None,
-        typer.Option(help=f"wgan-gp penalty weight. {_default('gp_lambda')}", rich_help_panel=OBJ),
-    ] = None,
-    clip: Annotated[
-        float | None,
-        typer.Option(help=f"wgan weight clipping. {_default('clip')}", rich_help_panel=OBJ),
-    ] = None,
-    r1: Annotated[
-        float | None,
-        typer.Option(
-            help=f"R1 gamma on real data, lazy every 16 D steps (0 = off). {_default('r1')}",
-            rich_help_panel=OBJ,
-        ),
-    ] = None,
-    augment: Annotated[
-        str | None,
-        typer.Option(
-            help=f"DiffAugment policy: a comma-separated subset of {_choices(AUGMENT_CHOICES)}, "
-            f"or none. {_default('augment')}",
-            rich_help_panel=OBJ,
-        ),
-    ] = None,
-    d_every: Annotated[
-        int | None,
-        typer.Option(
-            help="Update D on one step in K (the paper's 'D critiques every 5'). "
-            f"{_default('d_every')}",
-            rich_help_panel=OBJ,
-        ),
-    ] = None,
-    d_steps: Annotated[
-        int | None,
-        typer.Option(
-            help="D updates per G update. \\[default: 1; 5 with --loss wgan or wgan-gp]",
-            rich_help_panel=OBJ,
-        ),
-    ] = None,
-    lr_g: Annotated[
-        float | None, typer.Option(help=f"Adam lr of G. {_default('lr_g')}", rich_help_panel=OBJ)
-    ] = None,
-    lr_d: Annotated[
-        float | None, typer.Option(help=f"Adam lr of D. {_default('lr_d')}", rich_help_panel=OBJ)
-    ] = None,
-    betas_g: Annotated[
-        str | None,
-        typer.Option(
-            help=f"Adam betas of G, e.g. 0.5,0.999. {_default('betas_g')}", rich_help_panel=OBJ
-        ),
-    ] = None,
-    betas_d: Annotated[
-        str | None,
-        typer.Option(
-            help=f"Adam betas of D, e.g. 0.5,0.999. {_default('betas_d')}", rich_help_panel=OBJ
-        ),
-    ] = None,
-    batch: Annotated[
-        int | None,
-        typer.Option(
-            help=f"GLOBAL batch; each process gets batch / processes. {_default('batch')}",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    epochs: Annotated[
-        float | None,
-        typer.Option(
-            help=f"Passes over the split. {_default('epochs', none='off (--max-steps)')}",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    max_steps: Annotated[
-        int | None,
-        typer.Option(
-            help="G updates; overrides --epochs. "
-            f"{_default('max_steps', none='none (from --epochs)')}",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    ema_kimg: Annotated[
-        float | None,
-        typer.Option(
-            help=f"EMA of G: half-life in kimg (0 = off). {_default('ema_kimg')}",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    ema_rampup: Annotated[
-        float | None,
-        typer.Option(
-            help="EMA ramp-up: half-life <= this x images seen. "
-            f"{_default('ema_rampup', none='off')}",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    precision: Annotated[
-        str | None,
-        typer.Option(
-            help=f"{_choices(PRECISIONS)} (fp16: GPU only). {_default('precision')}",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    seed: Annotated[
-        int | None, typer.Option(help=f"Seed. {_default('seed')}", rich_help_panel=RUN)
-    ] = None,
-    sync_bn: Annotated[
-        bool | None,
-        typer.Option(
-            "--sync-bn/--no-sync-bn",
-            help=f"SyncBatchNorm under DDP (CUDA). {_default('sync_bn')}",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    deterministic: Annotated[
-        bool | None,
-        typer.Option(
-            "--deterministic/--no-deterministic",
-            help=f"Deterministic torch kernels. {_default('deterministic')}",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    data_cache: Annotated[
-        str | None,
-        typer.Option(
-            help=f"{_choices(DATA_CACHES)}: none streams the shards; device decodes the split "
-            f"once into GPU memory. {_default('data_cache')}",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    hflip: Annotated[
-        bool | None,
-        typer.Option(
-            "--hflip/--no-hflip",
-            help=f"Random horizontal flips of real images. {_default('hflip')}",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    compile: Annotated[
-        bool | None,
-        typer.Option(
-            "--compile/--no-compile",
-            help=f"torch.compile G and D. {_default('compile')}",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    cuda_graphs: Annotated[
-        bool | None,
-        typer.Option(
-            "--cuda-graphs/--no-cuda-graphs",
-            help="Replay the whole step as one CUDA graph (one CUDA device; one D step per G "
-            "step, no penalty/augmentation; not with --compile or fp16). Experimental. "
-            f"{_default('cuda_graphs')}",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    channels_last: Annotated[
-        bool | None,
-        typer.Option(
-            "--channels-last/--no-channels-last",
-            help="NHWC. \\[default: on for CUDA and CPU]",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    tf32: Annotated[
-        bool | None,
-        typer.Option(
-            "--tf32/--no-tf32", help="TF32 math. \\[default: on for CUDA]", rich_help_panel=RUN
-        ),
-    ] = None,
-    fused_adam: Annotated[
-        bool | None,
-        typer.Option(
-            "--fused-adam/--no-fused-adam",
-            help="Fused Adam. \\[default: on for CUDA]",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    exact: Annotated[
-        bool | None,
-        typer.Option(
-            "--exact/--no-exact",
-            help=f"Bit-reproducible: deterministic, no fast paths. {_default('exact')}",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    num_workers: Annotated[
-        int | None,
-        typer.Option(
-            help="Loader workers per process. "
-            + _default("num_workers", none="2, on CUDA min(8, CPUs per process - 1)"),
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    shuffle_buffer: Annotated[
-        int | None,
-        typer.Option(
-            help=f"Shuffle buffer per loader worker. {_default('shuffle_buffer')}",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    eval_every: Annotated[
-        int | None,
-        typer.Option(
-            help="Steps between FID/KID evaluations (0 = off); the best G goes to RUN/best/. "
-            f"{_default('eval_every')}",
-            rich_help_panel=LOG,
-        ),
-    ] = None,
-    eval_n: Annotated[
-        int | None,
-        typer.Option(help=f"Images per evaluation. {_default('eval_n')}", rich_help_panel=LOG),
-    ] = None,
-    eval_features: Annotated[
-        str | None,
-        typer.Option(
-            help=f"{_choices(EVAL_FEATURES)}: attributes = the shards' label classifier "
-            "(offline); inception = the standard TF-FID network (needs its weights file, see "
-            f"--inception-weights). {_default('eval_features')}",
-            rich_help_panel=LOG,
-        ),
-    ] = None,
-    inception_weights: Annotated[
-        Path | None,
-        typer.Option(
-            help="--eval-features inception: the torch-fidelity weights file "
-            "(weights-inception-2015-12-05-6726825d.pth) \\[default: torch hub's cache]",
-            rich_help_panel=LOG,
-        ),
-    ] = None,
-    on_nonfinite: Annotated[
-        str | None,
-        typer.Option(
-            help=f"On a NaN/inf loss: {_choices(ON_NONFINITE)} (rollback: to the last "
-            f"checkpoint, lrs lowered). {_default('on_nonfinite')}",
-            rich_help_panel=LOG,
-        ),
-    ] = None,
-    max_rollbacks: Annotated[
-        int | None,
-        typer.Option(
-            help=f"Rollbacks before giving up. {_default('max_rollbacks')}", rich_help_panel=LOG
-        ),
-    ] = None,
-    rollback_lr_factor: Annotated[
-        float | None,
-        typer.Option(
-            help=f"lr multiplier per rollback. {_default('rollback_lr_factor')}",
-            rich_help_panel=LOG,
-        ),
-    ] = None,
-    skip_bad_samples: Annotated[
-        bool | None,
-        typer.Option(
-            "--skip-bad-samples/--no-skip-bad-samples",
-            help="Replace undecodable images (counted, logged) instead of stopping. "
-            f"{_default('skip_bad_samples')}",
-            rich_help_panel=LOG,
-        ),
-    ] = None,
-    log_every: Annotated[
-        int | None,
-        typer.Option(
-            help=f"Steps between metric rows. {_default('log_every')}", rich_help_panel=LOG
-        ),
-    ] = None,
-    sample_every: Annotated[
-        int | None,
-        typer.Option(
-            help=f"Steps between fixed-noise grids. {_default('sample_every')}", rich_help_panel=LOG
-        ),
-    ] = None,
-    n_samples: Annotated[
-        int | None,
-        typer.Option(
-            help=f"Images in the fixed-noise grid. {_default('n_samples')}", rich_help_panel=LOG
-        ),
-    ] = None,
-    ckpt_every: Annotated[
-        int | None,
-        typer.Option(
-            help=f"Steps between checkpoints. {_default('ckpt_every')}", rich_help_panel=LOG
-        ),
-    ] = None,
-    keep: Annotated[
-        int | None,
-        typer.Option(help=f"Checkpoints to keep. {_default('keep')}", rich_help_panel=LOG),
-    ] = None,
-    resume: Annotated[
-        str | None,
-        typer.Option(
-            help="auto (the newest intact checkpoint in --out; a damaged newer one is skipped "
-            "with a warning and kept) or a checkpoint folder. \\[default: none: a fresh run]",
-            rich_help_panel=LOG,
-        ),
-    ] = None,
-    restart: Annotated[
-        bool,
-        typer.Option(
-            "--restart",
-            help="Start over in an --out that holds a run: its files are first MOVED to "
-            "OUT.old-<date>-<time> beside it (nothing is deleted). Not with --resume. "
-            "\\[default: off]",
-            rich_help_panel=LOG,
-        ),
-    ] = False,
-    wandb_mode: Annotated[
-        str | None,
-        typer.Option(
-            help=f"{_choices(WANDB_MODES)}. \\[default: offline without an API key]",
-            rich_help_panel=LOG,
-        ),
-    ] = None,
-    wandb_project: Annotated[
-        str | None,
-        typer.Option(help=f"W&B project. {_default('wandb_project')}", rich_help_panel=LOG),
-    ] = None,
-    run_name: Annotated[
-        str | None,
-        typer.Option(help="W&B run name. \\[default: run folder name]", rich_help_panel=LOG),
-    ] = None,
-    dry_run: Annotated[
-        bool,
-        typer.Option("--dry-run", help="Print the resolved config and exit. \\[default: off]"),
-    ] = False,
-) -> None:
+def _parameters() -> list[inspect.Parameter]:
+    ctx = inspect.Parameter(
+        "ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context
+    )
+    config = inspect.Parameter(
+        "config",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            Path | None,
+            typer.Option(
+                "--config",
+                help="TOML/YAML/JSON file of options; flags override it. \\[default: none]",
+                rich_help_panel=DATA,
+                show_default=False,
+            ),
+        ],
+    )
+    dry_run = inspect.Parameter(
+        "dry_run",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=False,
+        annotation=Annotated[
+            bool,
+            typer.Option(
+                "--dry-run",
+                help="Print the resolved config and exit. \\[default: off]",
+                show_default=False,
+            ),
+        ],
+    )
+    params = [ctx]
+    for f in FIELDS:
+        params.append(_parameter(f))
+        if f.name == "preset":
+            params.append(config)  # shown after --preset in its panel
+    return [*params, dry_run]
+
+
+def given_options(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """The TrainConfig options this command line states (click's parameter source), so that an
+    omitted flag never overrides the preset, the --config file or a resumed run's config."""
+    typed = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    names = {f.name for f in FIELDS}
+    return {k: v for k, v in values.items() if k in names and ctx.get_parameter_source(k) in typed}
+
+
+def train_cmd(ctx: typer.Context, *, config: Path | None, dry_run: bool, **options: Any) -> None:
     """Train a GAN on a shard folder. Steps are G updates; progress is counted in images.
 
     Examples:
@@ -562,30 +167,9 @@ def train_cmd(
         train,
     )
 
-    flags = dict(
-        data=data, out=out, split=split, arch=arch, act=act, dropout=dropout, z_dim=z_dim,
-        g_width=g_width, d_width=d_width, upsample=upsample, d_norm=d_norm, mbstd=mbstd,
-        spectral_norm=spectral_norm, condition=condition, gp_lambda=gp_lambda, clip=clip, r1=r1,
-        augment=augment, loss=loss, d_every=d_every, d_steps=d_steps,
-        lr_g=lr_g, lr_d=lr_d, betas_g=_betas(betas_g), betas_d=_betas(betas_d), batch=batch,
-        epochs=epochs, max_steps=max_steps, ema_kimg=ema_kimg, ema_rampup=ema_rampup,
-        precision=precision, seed=seed, sync_bn=sync_bn,
-        deterministic=deterministic, data_cache=data_cache, hflip=hflip, compile=compile,
-        cuda_graphs=cuda_graphs,
-        channels_last=channels_last, tf32=tf32, fused_adam=fused_adam, exact=exact,
-        num_workers=num_workers, shuffle_buffer=shuffle_buffer,
-        eval_every=eval_every, eval_n=eval_n, eval_features=eval_features,
-        inception_weights=inception_weights,
-        on_nonfinite=on_nonfinite, max_rollbacks=max_rollbacks,
-        rollback_lr_factor=rollback_lr_factor, skip_bad_samples=skip_bad_samples,
-        log_every=log_every, sample_every=sample_every, n_samples=n_samples,
-        ckpt_every=ckpt_every, keep=keep, resume=resume, wandb_mode=wandb_mode,
-        wandb_project=wandb_project, run_name=run_name, restart=restart or None,
-    )  # fmt: skip
-    if preset is not None:
-        flags["preset"] = preset
+    flags = given_options(ctx, options)
     with errors_to_exit():
-        cfg, ckpt = resolve_config(preset, config, flags)
+        cfg, ckpt = resolve_config(flags.get("preset"), config, flags)
         if dry_run:
             read_data_manifest(cfg)  # a dry run still checks that the data is there
             check_run_folder(cfg, ckpt)  # and whether --out would be refused
@@ -621,3 +205,7 @@ def train_cmd(
             typer.echo(f"  generator:  {result.export_dir}")
         if result.wandb_dir:
             typer.echo(f"  W&B run:    {result.wandb_dir}  (upload: wandb sync {result.wandb_dir})")
+
+
+train_cmd.__signature__ = inspect.Signature(_parameters())  # what typer reads
+app.command("train")(train_cmd)

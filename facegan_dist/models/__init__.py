@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from facegan_dist.config import ARCH_CHOICES as ARCHS
+from facegan_dist.config import SPECTRAL_NORM_CHOICES as SPECTRAL_NORMS
 from facegan_dist.errors import ConfigError
 from facegan_dist.models.dcgan import (
     D_NORMS,
@@ -23,8 +25,6 @@ from facegan_dist.models.dcgan import (
 )
 from facegan_dist.models.mlp import ACTS, MLPDiscriminator, MLPGenerator
 
-ARCHS = ("mlp", "dcgan")
-SPECTRAL_NORMS = ("none", "d", "g", "both")
 RESOLUTIONS: dict[str, tuple[int, ...]] = {
     "mlp": (16, 32, 64, 128),  # any size works; 128 px is ~50M weights per net
     "dcgan": (16, 32, 64, 128),
@@ -46,7 +46,11 @@ def build_models(
     n_cond: int = 0,
     mbstd: bool = False,
 ) -> tuple[nn.Module, nn.Module]:
-    """Build (G, D) for `arch`, initialised; raises ConfigError naming the offending flag."""
+    """Build (G, D) for `arch`, initialised; raises ConfigError naming the offending flag.
+
+    The one check of the model options for callers without a validated TrainConfig (a generator
+    meta read from a file, scripts); the choices are those of the options (config.py), and the
+    model classes trust what this passes them."""
     if arch not in ARCHS:
         raise ConfigError(f"--arch {arch!r} must be one of {', '.join(ARCHS)}")
     sizes = RESOLUTIONS[arch]

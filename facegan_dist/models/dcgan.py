@@ -44,10 +44,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+# The option values are declared with the options (config.py); `build_models` checks them, so
+# the classes below trust their `upsample` / `norm` strings.
+from facegan_dist.config import D_NORMS
+from facegan_dist.config import UPSAMPLE_CHOICES as UPSAMPLES
+
+__all__ = ["D_NORMS", "UPSAMPLES", "DCGANDiscriminator", "DCGANGenerator", "MinibatchStd",
+           "RESOLUTIONS", "dcgan_init_", "n_doublings"]  # fmt: skip
+
 IMG_CHANNELS = 3
 RESOLUTIONS = (16, 32, 64, 128)
-UPSAMPLES = ("convtranspose", "nearest", "bilinear", "nearest-last")
-D_NORMS = ("batch", "none")
 LEAKY_SLOPE = 0.2
 INIT_STD = 0.02
 
@@ -95,8 +101,6 @@ class DCGANGenerator(nn.Module):
         n_cond: int = 0,
     ) -> None:
         super().__init__()
-        if upsample not in UPSAMPLES:
-            raise ValueError(f"upsample {upsample!r} must be one of {UPSAMPLES}")
         n = n_doublings(resolution)
         self.resolution, self.z_dim, self.n_cond = resolution, z_dim, n_cond
         # Channels at 4x4, 8x8, ..., S/2 x S/2: width * 2^(n-1), ..., width * 2, width.
@@ -155,8 +159,6 @@ class DCGANDiscriminator(nn.Module):
         mbstd: bool = False,
     ) -> None:
         super().__init__()
-        if norm not in D_NORMS:
-            raise ValueError(f"norm {norm!r} must be one of {D_NORMS}")
         n = n_doublings(resolution)
         self.resolution, self.n_cond = resolution, n_cond
         # Channels at S/2, S/4, ..., 4x4: width, width * 2, ..., width * 2^(n-1).

@@ -24,8 +24,9 @@ from itertools import pairwise
 import torch
 from torch import Tensor, nn
 
+from facegan_dist.config import ACT_CHOICES as ACTS  # declared with --act; build_models checks
+
 IMG_CHANNELS = 3
-ACTS = ("relu", "leaky")
 LEAKY_SLOPE = 0.2  # the paper's "leakage rating" p
 G_HIDDEN = (256, 512, 1024)  # section 4.2.1
 D_HIDDEN = (1024, 512, 256)  # section 4.1.1
@@ -36,7 +37,7 @@ def _act(act: str) -> nn.Module:
         return nn.ReLU(inplace=True)
     if act == "leaky":
         return nn.LeakyReLU(LEAKY_SLOPE, inplace=True)
-    raise ValueError(f"act {act!r} must be one of {', '.join(ACTS)}")
+    raise ValueError(f"act {act!r} must be one of {', '.join(ACTS)}")  # not relu or leaky
 
 
 def _hidden_stack(sizes: tuple[int, ...], act: str, dropout: float) -> list[nn.Module]:

@@ -17,22 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from facegan_dist.errors import ConfigError
+# The policy names and `--augment` parsing live with the option (config.py, torch-free).
+from facegan_dist.config import AUGMENT_CHOICES as POLICIES
+from facegan_dist.config import parse_policy
 
-POLICIES = ("color", "translation", "cutout")
+__all__ = ["POLICIES", "apply", "params", "parse_policy", "slice_params"]
+
 TRANSLATION_RATIO = 0.125
 CUTOUT_RATIO = 0.5
-
-
-def parse_policy(text: str | None) -> tuple[str, ...]:
-    """'color,translation,cutout' -> a tuple; '' / None / 'none' -> () (off)."""
-    if not text or text == "none":
-        return ()
-    parts = tuple(p.strip() for p in text.split(",") if p.strip())
-    for p in parts:
-        if p not in POLICIES:
-            raise ConfigError(f"--augment {p!r}: each policy must be one of {', '.join(POLICIES)}")
-    return parts
 
 
 def params(policy: tuple[str, ...], n: int, size: int, gen: torch.Generator, device) -> dict:
