@@ -39,12 +39,14 @@ def test_every_sample_comes_back_once_per_epoch(sharded, synth_kaggle_zip):
     fmt, out = sharded
     want = expected(synth_kaggle_zip)
     seen: dict[str, int] = {}
+    n_batches = 0
     for rank in range(2):
         stream = ShardStream(out, batch_per_device=4, rank=rank, world_size=2, num_workers=2,
                              return_keys=True)  # fmt: skip
         loader = make_loader(stream)
         it = iter(loader)
         for _ in range(stream.batches_per_epoch):
+            n_batches += 1
             images, attrs, keys = next(it)
             assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
             for img, att, key in zip(images, attrs, keys, strict=True):
@@ -58,7 +60,12 @@ def test_every_sample_comes_back_once_per_epoch(sharded, synth_kaggle_zip):
                 np.testing.assert_array_equal(att.numpy(), ref_attrs)
         del it
     assert set(seen) == set(want)  # the two ranks together see every sample
-    assert sum(seen.values()) >= len(want)  # duplicates only to fill the last batches
+    # Exactly the epoch's batches, and duplicates only to fill the last batch of each of the
+    # 2 ranks x 2 workers: fewer than one batch per slot, none seen more than twice.
+    slots, batch = 2 * 2, 4
+    assert sum(seen.values()) == n_batches * batch
+    assert sum(seen.values()) - len(want) <= slots * batch - 1
+    assert max(seen.values()) <= 2
 
 
 def test_decoder_agrees_with_pil(sharded):
