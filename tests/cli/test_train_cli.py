@@ -161,3 +161,31 @@ def test_eval_features_inception_without_the_weights_file_fails_before_any_work(
     assert r.returncode == 1
     assert_one_line_error(r.stderr, str(missing), "--inception-weights")
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_a_typed_flag_wins_even_at_its_default_and_an_omitted_one_never_does(shards, tmp_path):
+    """A flag counts as given by click's parameter source, not by a None default: `--upsample convtranspose` (the
+    field's default) beats the quality preset's nearest, `--no-hflip` beats the file's hflip,
+    and flags left out keep the file's and the preset's values."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('hflip = true\nbetas_g = "0.5,0.9"\nseed = 7\n')
+    res = runner.invoke(app, ["train", "--data", str(shards), "--out", str(tmp_path / "r"),
+                              "--config", str(cfg), "--upsample", "convtranspose", "--no-hflip",
+                              "--betas-d", "0.1,0.2", "--dry-run"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    resolved = json.loads(res.stdout)
+    assert resolved["upsample"] == "convtranspose" and resolved["hflip"] is False  # typed
+    assert resolved["betas_g"] == [0.5, 0.9] and resolved["seed"] == 7  # the file's
+    assert resolved["betas_d"] == [0.1, 0.2]  # a typed tuple, coerced like the file's
+    assert resolved["ema_kimg"] == 2.0 and resolved["preset"] == "quality"  # the preset's
+
+
+def test_train_help_imports_no_torch():
+    """The options are declared torch-free (config.py), so `facegan train --help` stays fast."""
+    code = ("import sys; from typer.testing import CliRunner; from facegan_dist.cli import app; "
+            "r = CliRunner().invoke(app, ['train', '--help']); assert r.exit_code == 0; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

@@ -1,12 +1,14 @@
 """`facegan train --help` against the code (issue 12, item 8): every choice-valued option lists
 exactly the choices the implementation accepts, every option states its default, and those that
 a preset sets say so, with the value of each preset. Read from the rendered help, so neither the
-help text nor the code can change alone."""
+help text nor the code can change alone. The README's option table is read against the same help
+(issue 13, item 4): it names every option, and the defaults it states are the help's."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -66,7 +68,8 @@ def options() -> dict[str, str]:
 
 
 def test_torch_free_choice_lists_equal_the_implementations():
-    """config.py repeats the torch modules' lists (so `facegan --help` needs no torch)."""
+    """The torch modules take their lists from config.py (declared with the options, torch-free
+    so that `facegan --help` needs no torch); metrics.FEATURES is still its own tuple."""
     impl = implementation_choices()
     for flag, mine in (("--arch", config.ARCH_CHOICES), ("--act", config.ACT_CHOICES),
                        ("--upsample", config.UPSAMPLE_CHOICES),
@@ -146,3 +149,60 @@ def test_restart_and_resume_are_documented(options):
     assert "nothing is deleted" in options["--restart"]
     assert "--resume auto" in options["--out"] and "--restart" in options["--out"]
     assert "damaged" in options["--resume"]
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_train_rows() -> list[tuple[str, str, str]]:
+    """(flags, default, meaning) cells of the README's train option table."""
+    text = README.read_text()
+    table = text[text.index("| flag | default | meaning |") :].split("\n\n")[0]
+    rows = []
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+        assert len(cells) == 3, line
+        rows.append((cells[0], cells[1], cells[2]))
+    return rows
+
+
+def test_readme_table_names_every_option(options):
+    rows = readme_train_rows()
+    named = {f for row in rows for cell in row for f in re.findall(r"--[\w-]+", cell)}
+    missing = set(options) - {"--help"} - named
+    assert not missing, f"README's train table does not name {sorted(missing)}"
+    listed = {f for row in rows for f in re.findall(r"--[\w-]+", row[0])}
+    assert listed <= set(options), sorted(listed - set(options))
+
+
+def _first_word(text: str) -> str:
+    return re.split(r"[\s;(]", text.replace("`", "").strip())[0].rstrip(",")
+
+
+def _same(readme: str, helps: str, name: str) -> bool:
+    if readme == helps or (readme == "auto" and FIELDS[name] is None):  # a device-dependent None
+        return True
+    try:
+        return float(readme) == float(helps)
+    except ValueError:
+        return False
+
+
+def test_readme_defaults_are_the_helps(options):
+    """Where a row gives one default per flag (`a, b` or `a / b`), each is the help's (first
+    word: a preset-dependent default names the default preset's value first)."""
+    checked = 0
+    for flags_cell, default_cell, _ in readme_train_rows():
+        flags = re.findall(r"--[\w-]+", flags_cell)
+        sep = " / " if " / " in flags_cell else ", "
+        parts = default_cell.split(sep) if default_cell else []
+        if len(parts) != len(flags):
+            continue  # a row that describes its defaults in words
+        for flag, part in zip(flags, parts, strict=True):
+            if flag in NO_DEFAULT or "[default: " not in options[flag]:
+                continue
+            readme, helps = _first_word(part), _first_word(_bracket(options[flag]))
+            name = flag[2:].replace("-", "_")
+            assert _same(readme, helps, name), (flag, part, _bracket(options[flag]))
+            checked += 1
+    assert checked >= 30, checked
