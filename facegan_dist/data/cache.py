@@ -8,7 +8,9 @@ the default for data that does not fit.
 Each rank holds its own share: the split's samples in manifest order (a random order: shards are
 shuffled at write time) are cut into `world_size` contiguous ranges of N // world_size samples
 (the last N % world_size samples are left out), so every rank has the same number of batches per
-epoch. Epoch e of rank r is a permutation of its share drawn from a generator seeded by
+epoch: (N // world_size) // B batches, the samples of a share that do not fill a batch left out
+too (the epoch of `stream.DataSource`; the stream instead wraps around). Epoch e of rank r is a
+permutation of its share drawn from a generator seeded by
 (seed, e, r) on the device; resuming at batch k replays the same permutations.
 """
 
@@ -19,15 +21,21 @@ from pathlib import Path
 
 import torch
 
+from facegan_dist.data.stream import Manifest, ShardStream
 from facegan_dist.errors import DataError
 
 DECODE_CHUNK = 1024  # samples decoded per collate call while building the cache
 
 
 class DeviceCache:
+    """A `stream.DataSource` whose samples sit decoded on the device (see the module docstring).
+
+    Args as for `ShardStream` (`shard_dir` may be the folder's `Manifest`), plus `device`.
+    """
+
     def __init__(
         self,
-        shard_dir: Path,
+        shard_dir: Path | Manifest,
         *,
         split: str = "train",
         batch_per_device: int,
@@ -36,62 +44,59 @@ class DeviceCache:
         device: torch.device | str = "cpu",
         seed: int = 0,
     ) -> None:
-        from facegan_dist.data.stream import ShardStream, _read_samples
-
         # The stream knows the split's shards, the decoder and the attribute parsing.
-        probe = ShardStream(shard_dir, split=split, batch_per_device=1, shuffle_buffer=1)
-        self.num_samples = probe.num_samples
-        self.attribute_names = probe.attribute_names
-        self.image_size = probe.image_size
+        reader = ShardStream(shard_dir, split=split, batch_per_device=1, shuffle_buffer=1)
+        self.num_samples = reader.num_samples
+        self.attribute_names = reader.attribute_names
+        self.image_size = reader.image_size
         share = self.num_samples // world_size
         self.batches_per_epoch = share // batch_per_device
         if self.batches_per_epoch < 1:
             raise DataError(
-                f"{shard_dir}: split '{split}' has {self.num_samples} samples, fewer than one "
-                f"batch of {batch_per_device} per process for {world_size} processes"
+                f"{reader.shard_dir}: split '{split}' has {self.num_samples} samples, fewer than "
+                f"one batch of {batch_per_device} per process for {world_size} processes"
             )
         self.share, self.batch_per_device = share, batch_per_device
-        self.rank, self.seed = rank, seed
+        self.rank, self.world_size, self.seed = rank, world_size, seed
         self.device = torch.device(device)
-        lo, hi = rank * share, (rank + 1) * share
 
         images, attrs, keys = [], [], []
-        chunk: list = []
-        start = 0
-        for shard in probe.shards:
-            first, stop = max(lo - start, 0), min(hi - start, shard.count)
-            if first < stop:
-                for raw in _read_samples(shard, first, stop):
-                    chunk.append(raw)
-                    if len(chunk) == DECODE_CHUNK:
-                        self._decode(probe, chunk, images, attrs, keys)
-            start += shard.count
-        if chunk:
-            self._decode(probe, chunk, images, attrs, keys)
+        for imgs, att, k in reader.samples(rank * share, (rank + 1) * share, DECODE_CHUNK):
+            images.append(imgs)
+            attrs.append(att)
+            keys.extend(k)
         self.keys: list[str] = keys
         self.images = torch.cat(images).to(self.device)  # [share, 3, S, S] uint8
         self.attrs = torch.cat(attrs).to(self.device)  # [share, A] uint8
-
-    @staticmethod
-    def _decode(probe, chunk: list, images: list, attrs: list, keys: list) -> None:
-        probe.return_keys = True
-        imgs, att, k = probe._collate(chunk)
-        images.append(imgs)
-        attrs.append(att)
-        keys.extend(k)
-        chunk.clear()
 
     @property
     def nbytes(self) -> int:
         return self.images.numel() + self.attrs.numel()
 
+    @property
+    def images_per_epoch(self) -> int:
+        """Images one epoch draws over all ranks (<= num_samples: the remainder left out)."""
+        return self.batches_per_epoch * self.batch_per_device * self.world_size
+
+    @property
+    def bad_samples_total(self) -> None:
+        return None  # decoded once, strictly: an undecodable sample raises while building
+
     def layout(self) -> dict:
         return {"cache": "device", "num_samples": self.num_samples, "share": self.share,
                 "batch_per_device": self.batch_per_device, "seed": self.seed}  # fmt: skip
 
-    def iterate(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, start_batch: int = 0, *, pin_memory: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Infinite (images uint8 [B, 3, S, S], attrs uint8 [B, A]) on the device, from
-        rank-batch `start_batch` on (epochs follow each other)."""
+        rank-batch `start_batch` on (epochs follow each other). `pin_memory` does not apply:
+        the batches are on the device already. Draws nothing from the torch RNG."""
+        return self._batches(start_batch)
+
+    iterate = batches  # the earlier name
+
+    def _batches(self, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator(device=self.device)
         B, bpe = self.batch_per_device, self.batches_per_epoch
         total = start_batch

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import atexit
 import bisect
+import copy
 import functools
 import hashlib
 import io
@@ -66,7 +67,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -204,6 +205,70 @@ def _show(v: object) -> str:
 
 def _unsafe_name(name: str) -> bool:
     return name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A shard folder's manifest.json, read and checked once (`read_manifest`), with what the
+    readers ask of it: the image size, the attribute names, a split's shards and counts.
+
+    `raw` is the JSON object as written (what `facegan shard` and `verify` compare field by
+    field); everything else reads the typed accessors.
+    """
+
+    shard_dir: Path
+    raw: dict
+
+    @classmethod
+    def read(cls, shard_dir: Path, *, full: bool = False) -> Manifest:
+        return cls(Path(shard_dir), read_manifest(shard_dir, full=full))
+
+    @property
+    def path(self) -> Path:
+        return self.shard_dir / "manifest.json"
+
+    @property
+    def image_size(self) -> int:
+        """S: every image is S x S pixels."""
+        return int(self.raw["settings"]["size"])
+
+    @property
+    def attribute_names(self) -> list[str]:
+        return list(self.raw.get("attribute_names") or [])
+
+    @property
+    def split_names(self) -> list[str]:
+        """The splits present, as written."""
+        return list(self.raw["splits"])
+
+    def resolve_split(self, split: str) -> list[str]:
+        """The manifest splits that `split` reads: itself, or for "all" every split present
+        (train, val, test first, then any other in name order)."""
+        splits = self.raw["splits"]
+        if split == "all":
+            names = [s for s in ("train", "val", "test") if s in splits]
+            return names + sorted(s for s in splits if s not in names)
+        if split in splits:
+            return [split]
+        available = ", ".join(sorted(splits)) or "none"
+        raise DataError(f"split '{split}' is not in {self.path} (available: {available}, or 'all')")
+
+    def count(self, split: str) -> int:
+        """Samples of `split` ("all": of every split), as the manifest counts them."""
+        return sum(int(self.raw["splits"][name]["count"]) for name in self.resolve_split(split))
+
+    def shards(self, split: str) -> list[_Shard]:
+        """The non-empty shards of `split` in manifest order; a listed file that is missing is
+        one line naming it."""
+        shards = []
+        for name in self.resolve_split(split):
+            for entry in self.raw["splits"][name]["shards"]:  # types checked by read_manifest
+                path = self.shard_dir / entry["name"]
+                if not path.is_file():
+                    raise DataError(f"{path} is listed in manifest.json but missing")
+                if entry["count"] > 0:
+                    shards.append(_Shard(entry["name"], path, entry["count"]))
+        return shards
 
 
 @dataclass(frozen=True)
@@ -358,11 +423,51 @@ def _decoder():
     return _torchvision_decoder() or _pil_decode
 
 
+@runtime_checkable
+class DataSource(Protocol):
+    """What training reads real batches from: `ShardStream` (decode while training) or
+    `cache.DeviceCache` (decoded once into device memory). The trainer uses nothing else.
+
+    One definition of an epoch for both: an epoch is `batches_per_epoch` batches of
+    `batch_per_device` images on EVERY rank (the same count on each, so no rank runs out first
+    and hangs a collective), i.e. `images_per_epoch` images over all ranks. Progress is counted
+    in rank-batches drawn (`batches_seen`, saved in checkpoints), and the epoch of a run is
+    batches_seen / batches_per_epoch. How a source fills its equal epochs from N samples is its
+    own plan, stated in its docstring: the stream wraps around (every sample at least once,
+    fewer than slots x B duplicates), the cache leaves out the last samples of the split that do
+    not fill a batch on each rank (every kept sample exactly once).
+
+    Exact resume: `batches(start_batch)` is exactly the tail, from rank-batch `start_batch`, of
+    `batches(0)`, given an equal `layout()` (what the order depends on, stored in checkpoints).
+    """
+
+    num_samples: int  # N: samples of the split
+    batch_per_device: int
+    batches_per_epoch: int  # per rank, equal on every rank
+    image_size: int
+    attribute_names: list[str]
+
+    @property
+    def images_per_epoch(self) -> int: ...
+
+    @property
+    def bad_samples_total(self) -> int | None:
+        """Undecodable samples replaced so far (None: such a sample raises)."""
+        ...
+
+    def layout(self) -> dict: ...
+
+    def batches(self, start_batch: int = 0, *, pin_memory: bool = False) -> Iterator:
+        """Infinite `(images uint8 [B, 3, S, S], attrs uint8 [B, A])` from rank-batch
+        `start_batch` on (epochs follow each other; a restart is a new call)."""
+        ...
+
+
 class ShardStream(IterableDataset):
     """Infinite stream of `(images, attrs)` batches for one rank; see the module docstring.
 
     Args:
-        shard_dir: folder with manifest.json and the shard tars.
+        shard_dir: folder with manifest.json and the shard tars (or its `Manifest`, read once).
         split: a split of the manifest ("train", "val", "test") or "all" (union of those present).
         batch_per_device: B, samples per yielded batch.
         rank, world_size: this process's rank and the number of ranks (plain ints).
@@ -381,7 +486,7 @@ class ShardStream(IterableDataset):
 
     def __init__(
         self,
-        shard_dir: Path,
+        shard_dir: Path | Manifest,
         *,
         split: str = "train",
         batch_per_device: int,
@@ -405,37 +510,16 @@ class ShardStream(IterableDataset):
             raise ConfigError(f"num_workers must be >= 0 (got {num_workers})")
         if start_epoch < 0 or start_batch < 0:
             raise ConfigError(f"cannot start at epoch {start_epoch}, batch {start_batch}")
-        self.shard_dir = Path(shard_dir)
-        manifest = read_manifest(self.shard_dir)
-        splits: dict = manifest["splits"]
-        if split == "all":
-            names = [s for s in ("train", "val", "test") if s in splits]
-            names += sorted(s for s in splits if s not in names)
-        elif split in splits:
-            names = [split]
-        else:
-            available = ", ".join(sorted(splits)) or "none"
-            raise DataError(
-                f"split '{split}' is not in {self.shard_dir / 'manifest.json'} "
-                f"(available: {available}, or 'all')"
-            )
-        shards = []
-        for name in names:
-            entries = [(e["name"], e["count"]) for e in splits[name]["shards"]]  # types checked
-            for file_name, count in entries:
-                path = self.shard_dir / file_name
-                if not path.is_file():
-                    raise DataError(f"{path} is listed in manifest.json but missing")
-                if count > 0:
-                    shards.append(_Shard(file_name, path, count))
-        self.shards: list[_Shard] = shards
-        self.num_samples = sum(s.count for s in shards)  # N
+        self.manifest = shard_dir if isinstance(shard_dir, Manifest) else Manifest.read(shard_dir)
+        self.shard_dir = self.manifest.shard_dir
+        self.shards: list[_Shard] = self.manifest.shards(split)
+        self.num_samples = sum(s.count for s in self.shards)  # N
         if self.num_samples < 1:
             raise DataError(f"split '{split}' of {self.shard_dir} has no samples")
 
         self.split = split
-        self.image_size: int = manifest["settings"]["size"]  # S
-        self.attribute_names: list[str] = list(manifest.get("attribute_names") or [])
+        self.image_size: int = self.manifest.image_size  # S
+        self.attribute_names: list[str] = self.manifest.attribute_names
         self.batch_per_device = batch_per_device
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
@@ -456,9 +540,43 @@ class ShardStream(IterableDataset):
     # ---- plan (pure functions of the manifest and the settings) ----
 
     @property
-    def bad_samples_total(self) -> int:
-        """Samples replaced so far by every process reading this stream (skip_bad_samples)."""
-        return int(self._bad_total.value) if self._bad_total is not None else 0
+    def bad_samples_total(self) -> int | None:
+        """Samples replaced so far by every process reading this stream; None without
+        skip_bad_samples (an undecodable sample raises instead)."""
+        return int(self._bad_total.value) if self._bad_total is not None else None
+
+    @property
+    def images_per_epoch(self) -> int:
+        """Images one epoch draws over all ranks (>= num_samples: the wrapped duplicates)."""
+        return self.batches_per_epoch * self.batch_per_device * self.world_size
+
+    def batches(self, start_batch: int = 0, *, pin_memory: bool = False) -> Iterator:
+        """Infinite `(images, attrs)` batches of this rank from rank-batch `start_batch` of
+        epoch `start_epoch` on, read by `make_loader` (its workers start now, see
+        `_StreamLoader`). The stream itself is left as it is: a restart is a new call.
+
+        Creating the loader's iterator draws its workers' base seed from the torch RNG (even
+        without workers); the trainer relies on when that happens (`train.run.restore`)."""
+        stream = copy.copy(self)  # shares the bad-sample counter
+        stream.start_batch = start_batch
+        return iter(make_loader(stream, pin_memory=pin_memory))
+
+    def samples(self, lo: int, hi: int, chunk: int = 1024) -> Iterator:
+        """Samples [lo, hi) of the split in manifest order (no shuffling, no epochs), decoded:
+        `(images uint8 [n, 3, S, S], attrs uint8 [n, A], keys)` with n <= chunk (the device
+        cache's reader)."""
+        raws: list[_Raw] = []
+        start = 0
+        for shard in self.shards:
+            first, stop = max(lo - start, 0), min(hi - start, shard.count)
+            for raw in _read_samples(shard, first, stop) if first < stop else ():
+                raws.append(raw)
+                if len(raws) == chunk:
+                    yield (*self._decode_batch(raws), [r.key for r in raws])
+                    raws = []
+            start += shard.count
+        if raws:
+            yield (*self._decode_batch(raws), [r.key for r in raws])
 
     def layout(self) -> dict:
         """What the stream's content depends on; store it with a checkpoint, compare on resume."""
@@ -520,6 +638,12 @@ class ShardStream(IterableDataset):
         yield from buf
 
     def _collate(self, raws: list[_Raw]):
+        images, attrs = self._decode_batch(raws)
+        if self.return_keys:
+            return images, attrs, [r.key for r in raws]
+        return images, attrs
+
+    def _decode_batch(self, raws: list[_Raw]):
         B, A = len(raws), len(self.attribute_names)
         if A:
             for raw in raws:
@@ -570,8 +694,6 @@ class ShardStream(IterableDataset):
                     raise DataError(f"{raws[0].shard}: a whole batch of samples is undecodable")
                 for j, i in enumerate(bad):
                     images[i] = images[good[j % len(good)]]
-        if self.return_keys:
-            return images, attrs, [r.key for r in raws]
         return images, attrs
 
     def _worker_batches(self, worker: int) -> Iterator:
