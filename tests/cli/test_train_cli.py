@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from facegan_dist.cli import app
+from facegan_dist.errors import ConfigError
 from tests.helpers.shards import write_tiny_shards
 
 REPO = Path(__file__).resolve().parents[2]
@@ -164,9 +165,9 @@ def test_eval_features_inception_without_the_weights_file_fails_before_any_work(
 
 
 def test_a_typed_flag_wins_even_at_its_default_and_an_omitted_one_never_does(shards, tmp_path):
-    """A flag counts as given by click's parameter source, not by a None default: `--upsample convtranspose` (the
-    field's default) beats the quality preset's nearest, `--no-hflip` beats the file's hflip,
-    and flags left out keep the file's and the preset's values."""
+    """A flag counts as given by click's parameter source, not by a None default: `--upsample
+    convtranspose` (the field's default) beats the quality preset's nearest, `--no-hflip` beats
+    the file's hflip, and flags left out keep the file's and the preset's values."""
     cfg = tmp_path / "c.toml"
     cfg.write_text('hflip = true\nbetas_g = "0.5,0.9"\nseed = 7\n')
     res = runner.invoke(app, ["train", "--data", str(shards), "--out", str(tmp_path / "r"),
@@ -189,3 +190,21 @@ def test_train_help_imports_no_torch():
                          timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_every_declared_choice_is_checked_naming_its_flag():
+    """validate() checks each choice-valued field against its declaration (config.option)."""
+    import dataclasses
+
+    from facegan_dist.config import TrainConfig, merge_train_config
+
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.metadata["choices"]]
+    assert len(fields) >= 14
+    for f in fields:
+        flag = "--" + f.name.replace("_", "-")
+        try:
+            merge_train_config(None, None, {"data": "x", f.name: "bogus"}).validate()
+        except ConfigError as exc:
+            assert str(exc).startswith(f"{flag} 'bogus'"), (flag, str(exc))
+        else:
+            raise AssertionError(f"{flag} bogus was accepted")

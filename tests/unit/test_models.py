@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -234,7 +236,7 @@ def test_minibatch_std_channel_is_the_group_std_of_the_features():
 
 
 def test_mbstd_discriminator_sees_the_batch_and_rebuilds_from_meta():
-    from facegan_dist.export import build_from_meta
+    from facegan_dist.artifacts import build_from_meta
 
     torch.manual_seed(0)
     _, D = build_models("dcgan", resolution=16, d_width=8, mbstd=True)
@@ -272,3 +274,38 @@ def test_paper_and_tutorial_presets_are_unchanged_and_quality_is_the_default():
     assert cfg.betas_g == (0.0, 0.99) and cfg.ema_kimg == 2.0
     tut = merge_train_config("tutorial", None, {"data": "x"})
     assert tut.upsample == "convtranspose" and tut.betas_g == (0.5, 0.999) and tut.ema_kimg == 10
+
+
+def _declared_choices():
+    from facegan_dist import config
+
+    for act in config.ACT_CHOICES:
+        yield "mlp", {"act": act}
+    for upsample in config.UPSAMPLE_CHOICES:
+        yield "dcgan", {"upsample": upsample}
+    for d_norm in config.D_NORMS:
+        yield "dcgan", {"d_norm": d_norm}
+    for sn in config.SPECTRAL_NORM_CHOICES:
+        yield "dcgan", {"spectral_norm": sn}
+
+
+@pytest.mark.parametrize(("arch", "kwargs"), list(_declared_choices()))
+def test_every_declared_model_choice_builds(arch, kwargs):
+    """The model choices are declared with the options (config.py); each one builds a G and D."""
+    G, D = build_models(arch, resolution=16, z_dim=8, g_width=8, d_width=8, **kwargs)
+    assert D(G(torch.randn(2, 8))).shape == (2,)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"upsample": "cubic"}, "--upsample 'cubic' must be one of convtranspose"),
+        ({"d_norm": "auto"}, "--d-norm 'auto' must be one of batch, none"),  # resolved before
+        ({"spectral_norm": "all"}, "--spectral-norm 'all' must be one of none"),
+    ],
+)
+def test_build_models_is_the_models_one_check(kwargs, flag):
+    """The DCGAN classes trust their strings: build_models (the entry point for a generator
+    meta read from a file) refuses an unknown one, naming the flag."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(flag)}"):
+        build_models("dcgan", resolution=16, g_width=8, d_width=8, **kwargs)
