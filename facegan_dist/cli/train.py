@@ -1,5 +1,9 @@
 """`facegan train`: build the TrainConfig from preset -> --config file -> flags, run the loop.
 
+The options are generated from TrainConfig's fields (config.py declares each one once: type,
+default, help, panel, choices); a flag counts as given when click says it came from the command
+line, so an omitted flag never overrides the preset, the file or a resumed run's config.
+
 The same command runs under `accelerate launch facegan_dist train ...` (one process per device)
 and as plain `facegan train ...` (one process: CPU, MPS or one GPU).
 """
@@ -81,9 +85,15 @@ def _help(f: dataclasses.Field) -> str:
     return f"{text} {_default(f)}".strip()
 
 
+def _option(name: str, hint: Any, default: Any, flag: str, help: str, panel: str | None):
+    info = typer.Option(flag, help=help, rich_help_panel=panel, show_default=False)
+    kind = inspect.Parameter.KEYWORD_ONLY
+    return inspect.Parameter(name, kind, default=default, annotation=Annotated[hint, info])
+
+
 def _parameter(f: dataclasses.Field) -> inspect.Parameter:
     """The typer option of TrainConfig field `f`. Its default never reaches the config: only the
-    options given on the command line are merged (see `train_cmd`)."""
+    options given on the command line are merged (see `given_options`)."""
     hint, default = _HINTS[f.name], f.default
     if typing.get_origin(hint) is tuple:  # "0.5,0.999": coerced (and checked) like a file's value
         hint, default = str | None, None
@@ -92,50 +102,30 @@ def _parameter(f: dataclasses.Field) -> inspect.Parameter:
         flag = f.metadata["flag"]
     elif hint in (bool, bool | None):
         flag = f"{flag}/--no-{flag[2:]}"
-    info = typer.Option(
-        flag, help=_help(f), rich_help_panel=f.metadata["panel"], show_default=False
-    )
-    return inspect.Parameter(
-        f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[hint, info]
-    )
+    return _option(f.name, hint, default, flag, _help(f), f.metadata["panel"])
 
 
 def _parameters() -> list[inspect.Parameter]:
+    """The command's signature: the context, one option per field, --config after --preset, and
+    --dry-run (the two options that are not settings of the run)."""
     ctx = inspect.Parameter(
         "ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context
     )
-    config = inspect.Parameter(
+    config = _option(
         "config",
-        inspect.Parameter.KEYWORD_ONLY,
-        default=None,
-        annotation=Annotated[
-            Path | None,
-            typer.Option(
-                "--config",
-                help="TOML/YAML/JSON file of options; flags override it. \\[default: none]",
-                rich_help_panel=DATA,
-                show_default=False,
-            ),
-        ],
+        Path | None,
+        None,
+        "--config",
+        "TOML/YAML/JSON file of options; flags override it. \\[default: none]",
+        DATA,
     )
-    dry_run = inspect.Parameter(
-        "dry_run",
-        inspect.Parameter.KEYWORD_ONLY,
-        default=False,
-        annotation=Annotated[
-            bool,
-            typer.Option(
-                "--dry-run",
-                help="Print the resolved config and exit. \\[default: off]",
-                show_default=False,
-            ),
-        ],
-    )
+    dry_run = _option("dry_run", bool, False, "--dry-run",
+                      "Print the resolved config and exit. \\[default: off]", None)  # fmt: skip
     params = [ctx]
     for f in FIELDS:
         params.append(_parameter(f))
         if f.name == "preset":
-            params.append(config)  # shown after --preset in its panel
+            params.append(config)
     return [*params, dry_run]
 
 
