@@ -1,6 +1,6 @@
 """Frozen configs, one per command, with validation that names the offending flag.
 
-Flow (see docs/STYLE in ../shared): dataclass defaults -> optional `--config FILE` -> explicit
+Flow: dataclass defaults -> optional `--config FILE` -> explicit
 flags, merged by `merge()`; `validate()` once; core entry points take the config and nothing else.
 Runtime-derived values (world size, per-device batch) are never written back into a config.
 """
@@ -145,7 +145,7 @@ def parse_policy(text: str | None) -> tuple[str, ...]:
     return parts
 
 
-# Presets reproduce the paper's experiments (../shared/seeds/paper-gans-faces-pt.txt, section 6)
+# Presets reproduce the paper's experiments ("Usando GANs para geração automática de imagens de rostos humanos", section 6)
 # and the PyTorch DCGAN tutorial the paper's final networks follow. Values not listed keep the
 # TrainConfig default. The paper used Adam with lr 1e-4 and BCE on the minimax game.
 DEFAULT_PRESET = "quality"  # the quality study's winner (docs/QUALITY.md)

@@ -1,7 +1,7 @@
 """The only rank-aware module: build the Accelerator, print on rank 0, reduce stats, seed ranks.
 
 Models, losses and data know nothing of ranks; the training loop asks this module. Rules kept here
-(see ../shared/STACK-NOTES.md):
+(each checked against accelerate 1.15 / torch 2.14):
 - DDP without buffer broadcast: D is called twice per step (real, then fake) and DDP's in-place
   copy of BatchNorm buffers before each forward breaks autograd (pytorch#22095).
 - On a CPU box torchrun children need `cpu=True`, otherwise each is a lone rank 0.

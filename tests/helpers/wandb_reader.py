@@ -2,7 +2,7 @@
 
 The record format is LevelDB-log-like: a 7-byte header (":W&B" + version), then 32 KiB blocks of
 chunks `crc32(4) | length(2) | type(1) | data`; types FULL=1, FIRST=2, MIDDLE=3, LAST=4.
-Recipe from ../shared/STACK-NOTES.md section 4.
+The format is that of wandb's own (removed) `DataStore` reader.
 """
 
 from __future__ import annotations
