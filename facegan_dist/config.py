@@ -145,9 +145,9 @@ def parse_policy(text: str | None) -> tuple[str, ...]:
     return parts
 
 
-# Presets reproduce the paper's experiments ("Usando GANs para geração automática de imagens de rostos humanos", section 6)
-# and the PyTorch DCGAN tutorial the paper's final networks follow. Values not listed keep the
-# TrainConfig default. The paper used Adam with lr 1e-4 and BCE on the minimax game.
+# Presets reproduce the paper's experiments ("Usando GANs para geração automática de imagens de
+# rostos humanos", section 6) and the PyTorch DCGAN tutorial the paper's final networks follow.
+# Values not listed keep the TrainConfig default. The paper used Adam with lr 1e-4 and BCE on the minimax game.
 DEFAULT_PRESET = "quality"  # the quality study's winner (docs/QUALITY.md)
 PRESETS: dict[str, dict[str, Any]] = {
     "paper-mlp-relu": dict(arch="mlp", act="relu", loss="minimax", lr_g=1e-4, lr_d=1e-4,
