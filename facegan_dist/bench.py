@@ -73,7 +73,7 @@ def bench_data(
     from facegan_dist.data.stream import bench_read
     from facegan_dist.data.synth import make_dataset
     from facegan_dist.errors import ConfigError
-    from facegan_dist.export import writable_dir
+    from facegan_dist.paths import out_dir
 
     if fmt not in SHARD_FORMATS:
         raise ConfigError(f"--format {fmt!r} must be one of {', '.join(SHARD_FORMATS)}")
@@ -82,7 +82,7 @@ def bench_data(
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers {workers} must be at least 1")
     if work_dir is not None:
-        work_dir = writable_dir(Path(work_dir), "--work-dir")
+        work_dir = out_dir(Path(work_dir), "--work-dir")
     workers = workers or default_workers()
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         root = Path(tmp)

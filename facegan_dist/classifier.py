@@ -241,14 +241,13 @@ def _count(shard_dir: Path, split: str) -> int:
 def save_classifier(model: AttributeNet, meta: dict, folder: Path) -> Path:
     from safetensors.torch import save_file
 
-    from facegan_dist.export import atomic_write_text
+    from facegan_dist.paths import atomic_path, atomic_write_text
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{WEIGHTS_NAME}.tmp"
         sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(sd, str(tmp))
-        tmp.replace(folder / WEIGHTS_NAME)
+        with atomic_path(folder / WEIGHTS_NAME) as tmp:
+            save_file(sd, str(tmp))
         atomic_write_text(folder / META_NAME, json.dumps(meta, indent=2))
     except OSError as exc:
         raise DataError(f"{folder}: cannot write the attribute classifier ({exc})") from None

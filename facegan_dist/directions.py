@@ -100,7 +100,7 @@ def _logistic_normals(z: Tensor, y: Tensor, l2: float = 1e-2, iters: int = 100) 
 def save_directions(path: Path, dirs: Tensor, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    from facegan_dist.export import atomic_path, atomic_write_text
+    from facegan_dist.paths import atomic_path, atomic_write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -182,8 +182,8 @@ def classify_seeds(G, classifier, seeds: list[int], z_extra=None, batch: int = 6
     gathered on every rank."""
     from facegan_dist import dist
     from facegan_dist.classifier import predict
+    from facegan_dist.images import generate, to_uint8
     from facegan_dist.latent import seed_z
-    from facegan_dist.sampling import generate, to_uint8
 
     mine = dist.split_items(state, seeds)
     probs = torch.empty(0, classifier.n_attrs)
@@ -213,18 +213,18 @@ def edit_effect(
 def compute_directions(cfg: DirectionsConfig, state=None, log=print) -> dict:
     """Run `facegan directions`: every rank calls it; rank 0 writes the files."""
     from facegan_dist import dist
+    from facegan_dist.artifacts import load_unconditional_generator
     from facegan_dist.classifier import ClassifierSettings, get_classifier
     from facegan_dist.data.stream import read_manifest
-    from facegan_dist.export import writable_file
     from facegan_dist.latent import seed_z
-    from facegan_dist.sampling import load_unconditional_generator
+    from facegan_dist.paths import out_file
 
     cfg.validate()
     device = state.device if state is not None else "cpu"
     G, meta, info = load_unconditional_generator(cfg.source, device, ema=cfg.ema)
     out = Path(cfg.out) if cfg.out else Path(info["run_dir"]) / DIRECTIONS_NAME
     for path in (out, meta_path(out)):  # before any work (the classifier takes minutes)
-        writable_file(path, "--out")
+        out_file(path, "--out")
     manifest = read_manifest(cfg.data)
     if manifest["settings"]["size"] != meta["resolution"]:
         raise ConfigError(

@@ -72,6 +72,13 @@ def seed_z(seeds: list[int] | range, z_dim: int) -> Tensor:
     return torch.stack([torch.randn(z_dim, generator=seed_generator(s)) for s in seeds])
 
 
+def fixed_noise(n: int, z_dim: int, seed: int) -> Tensor:
+    """The same [n, z_dim] noise for a given seed on every machine (drawn on CPU): training's
+    fixed-noise grid, one generator for all n rows (unlike `seed_z`)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, z_dim, generator=g)
+
+
 # ---- truncation ----
 
 

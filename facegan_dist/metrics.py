@@ -360,7 +360,7 @@ def _load_cached(path: Path, want: dict, dim: int) -> dict[str, Tensor] | None:
 def _save_cached(path: Path, want: dict, states: dict[str, Tensor], log=None) -> None:
     from safetensors.torch import save_file
 
-    from facegan_dist.export import atomic_path
+    from facegan_dist.paths import atomic_path
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -428,8 +428,8 @@ def fake_features(
     Generated images are quantised to uint8 as a saved PNG would be. conds: [len(seeds), n_cond]
     conditions of a conditional G, row i for seed i."""
     from facegan_dist import dist
+    from facegan_dist.images import to_uint8
     from facegan_dist.latent import truncated_z
-    from facegan_dist.sampling import to_uint8
 
     mine = dist.split_items(state, list(range(len(seeds))))  # positions in `seeds`
     device = next(G.parameters()).device
@@ -595,8 +595,8 @@ def condition_columns(meta: dict, manifest: dict, data_dir: Path) -> list[int] |
 def evaluate(cfg: EvaluateConfig, state=None, log=None) -> dict:
     """Run `facegan evaluate` (every rank calls it); rank 0 writes the JSON result."""
     from facegan_dist import dist
-    from facegan_dist.export import atomic_write_text, writable_dir, writable_file
-    from facegan_dist.sampling import load_any_generator
+    from facegan_dist.artifacts import load_any_generator
+    from facegan_dist.paths import atomic_write_text, out_dir, out_file
 
     if cfg.features not in FEATURES:
         raise ConfigError(f"--features {cfg.features!r} must be one of {', '.join(FEATURES)}")
@@ -606,9 +606,9 @@ def evaluate(cfg: EvaluateConfig, state=None, log=None) -> dict:
     G, meta, info = load_any_generator(cfg.source, device, ema=cfg.ema)
     # the output before any work (its default lies in the run folder of the source)
     if cfg.out is not None:
-        writable_file(Path(cfg.out), "--out")
+        out_file(Path(cfg.out), "--out")
     else:
-        writable_dir(Path(info["run_dir"]) / "eval", "--out")
+        out_dir(Path(info["run_dir"]) / "eval", "--out")
     from facegan_dist.data.stream import read_manifest
 
     manifest = read_manifest(cfg.data)

@@ -1,14 +1,14 @@
-"""Turn generator outputs into pictures: seed -> z, image grids as uint8, PNG files, and the
-`facegan sample` core (find and load a run's generator, per-seed PNGs, grid, interpolation strips,
-vector arithmetic, attribute edits; split across processes).
+"""The `facegan sample` core: `SampleConfig` -> `sample` (per-seed PNGs, grid, interpolation
+strips, vector arithmetic, attribute edits; split across processes), and a conditional G with
+its condition fixed.
 
-Shared by training (fixed-noise grids), `facegan sample`, `facegan directions` and evaluation. It
-never imports train/ (train imports it). The latent-space maths lives in `latent.py`.
+Above `directions` (an edit reads the run's directions) and `artifacts` (where the generator
+comes from); pictures are made by `images`, the latent-space maths lives in `latent`. It never
+imports train/.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,68 +16,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-
-def fixed_noise(n: int, z_dim: int, seed: int) -> Tensor:
-    """The same [n, z_dim] noise for a given seed on every machine (drawn on CPU)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, z_dim, generator=g)
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """[-1, 1] float images -> uint8 [0, 255] (W&B 0.31 no longer rescales floats)."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def grid_uint8(images: Tensor, nrow: int | None = None, padding: int = 2) -> Tensor:
-    """A [3, H, W] uint8 grid from [B, 3, S, S] images (uint8, or floats in [-1, 1])."""
-    from torchvision.utils import make_grid
-
-    if images.dtype != torch.uint8:
-        images = to_uint8(images)
-    nrow = nrow or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
-    return make_grid(images.cpu(), nrow=nrow, padding=padding, pad_value=0)
-
-
-def save_png(image_chw_uint8: Tensor, path: Path) -> Path:
-    """Write a [3, H, W] uint8 tensor as PNG (atomically: temp name + rename; a failed write
-    leaves no temp file)."""
-    from PIL import Image
-
-    from facegan_dist.export import atomic_path
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = image_chw_uint8.permute(1, 2, 0).contiguous().numpy()
-    with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
-    return path
-
-
-@torch.no_grad()
-def generate(G: torch.nn.Module, z: Tensor, batch: int = 256) -> Tensor:
-    """G(z) in eval mode, in chunks, returned on CPU as float in [-1, 1]."""
-    was_training = G.training
-    G.eval()
-    device = next(G.parameters()).device
-    try:
-        out = [G(z[i : i + batch].to(device)).float().cpu() for i in range(0, z.shape[0], batch)]
-    finally:
-        G.train(was_training)
-    return torch.cat(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# Using a trained generator: where it comes from, seed-addressed images, strips and grids, and
-# the `facegan sample` core (`SampleConfig` -> `sample`).
-# ---------------------------------------------------------------------------------------------
-
-# The checkpoint layout of train/checkpoint.py, restated here because sampling never imports
-# train/ (train imports sampling; tests/unit/test_sampling.py checks the two agree).
-CHECKPOINTS_DIR = "checkpoints"
-CKPT_STATE_NAME = "trainer_state.json"
-CKPT_G_NAME = "model.safetensors"  # accelerate's save_state: the first prepared model is G
-CKPT_EMA_NAME = "ema.safetensors"
-_CKPT_RE = re.compile(r"^step-(\d{9})$")
-EXPORT_DIR = "export"
 SAMPLE_DEFAULT_GRID = (8, 8)
 EDIT_DEFAULT_N = 8
 EDIT_GRID_MAX = 16  # columns (seeds) in edits.png; every seed still gets its own strip
@@ -86,105 +24,6 @@ EDIT_GRID_MAX = 16  # columns (seeds) in edits.png; every seed still gets its ow
 def seed_png_name(seed: int) -> str:
     """`seed000042.png`: the same seed always maps to the same file name."""
     return f"seed{seed:06d}.png"
-
-
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder in run_dir/checkpoints (None if there is none)."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return None
-    found = [
-        p
-        for p in root.iterdir()
-        if p.is_dir() and _CKPT_RE.match(p.name) and (p / CKPT_STATE_NAME).is_file()
-    ]
-    return max(found, key=lambda p: int(_CKPT_RE.match(p.name).group(1))) if found else None
-
-
-def find_generator(path: Path) -> tuple[str, Path, Path | None]:
-    """RUN_DIR | RUN_DIR/export | a checkpoint folder -> (kind, folder, run_dir).
-
-    kind is "export" or "checkpoint". A run folder uses its export when there is one (the
-    final G), else its newest complete checkpoint. run_dir is where `directions.safetensors`
-    lives (None for a folder outside a run)."""
-    from facegan_dist.errors import CheckpointError
-    from facegan_dist.export import META_NAME, WEIGHTS_NAME
-
-    path = Path(path)
-    if path.is_file() and path.suffix == ".safetensors":
-        path = path.parent
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such run folder or checkpoint")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a run folder, export folder or checkpoint folder")
-    if (path / META_NAME).is_file():
-        return "export", path, path.parent if path.name == EXPORT_DIR else path
-    if (path / CKPT_STATE_NAME).is_file():
-        run_dir = path.parent.parent if path.parent.name == CHECKPOINTS_DIR else path
-        return "checkpoint", path, run_dir
-    if (path / EXPORT_DIR / META_NAME).is_file():
-        return "export", path / EXPORT_DIR, path
-    ckpt = newest_checkpoint(path)
-    if ckpt is not None:
-        return "checkpoint", ckpt, path
-    for folder in (path, path / EXPORT_DIR):  # weights without their config: name the config
-        if (folder / WEIGHTS_NAME).is_file():
-            raise CheckpointError(f"{folder / META_NAME}: missing (it describes {WEIGHTS_NAME})")
-    raise CheckpointError(
-        f"{path}: no {EXPORT_DIR}/{META_NAME} and no complete checkpoint in "
-        f"{CHECKPOINTS_DIR}/ (train first, or pass a checkpoint folder)"
-    )
-
-
-def _load_checkpoint_generator(ckpt: Path, device, ema: bool):
-    import json
-
-    from facegan_dist.errors import CheckpointError
-    from facegan_dist.export import build_checked, check_meta, load_weights
-
-    state_path = ckpt / CKPT_STATE_NAME
-    try:
-        state = json.loads(state_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{state_path}: unreadable ({exc})") from None
-    meta = state.get("generator") if isinstance(state, dict) else None
-    if not isinstance(meta, dict):
-        raise CheckpointError(
-            f"{state_path}: no 'generator' entry (a checkpoint from an older "
-            "version); sample its run's export/ instead"
-        )
-    check_meta(meta, state_path)
-    use_ema = ema and (ckpt / CKPT_EMA_NAME).is_file()
-    weights = ckpt / (CKPT_EMA_NAME if use_ema else CKPT_G_NAME)
-    if not weights.is_file():
-        raise CheckpointError(f"{ckpt}: no {CKPT_G_NAME} (incomplete checkpoint)")
-    G, _ = build_checked(meta, state_path)
-    load_weights(G, weights, prefixes=("module.", "_orig_mod."))  # DDP / torch.compile wrappers
-    return G.to(device).eval(), {**meta, "ema": use_ema}
-
-
-def load_any_generator(path: Path, device="cpu", ema: bool = True):
-    """(G in eval mode, meta, info) from a run folder, an export folder or a checkpoint folder.
-
-    `ema=True` takes the EMA of G when the run kept one (the export's `generator.safetensors`,
-    a checkpoint's `ema.safetensors`), else G; `ema=False` always takes the raw G. `meta["ema"]`
-    says which one was loaded; info = {"kind", "path", "run_dir"}."""
-    from facegan_dist.export import load_generator
-
-    kind, folder, run_dir = find_generator(path)
-    if kind == "export":
-        G, meta = load_generator(folder, device, ema=ema)
-        meta = {**meta, "ema": bool(ema and meta.get("ema", False))}
-    else:
-        G, meta = _load_checkpoint_generator(folder, device, ema)
-    info = {"kind": kind, "path": folder, "run_dir": run_dir, "bn_recalibrated": False}
-    if meta["ema"] and "ema_bn_calibration" not in meta and not meta.get("condition"):
-        # Written before the EMA had BatchNorm statistics of its own (they were copied from
-        # the raw G): re-estimate them now, as training does today (models/bn.py).
-        from facegan_dist.models.bn import recalibrate_bn
-
-        info["bn_recalibrated"] = recalibrate_bn(G)
-    return G, meta, info
 
 
 class ConditionedG(torch.nn.Module):
@@ -229,44 +68,6 @@ def condition_generator(G: torch.nn.Module, meta: dict, attrs: str | None):
             raise ConfigError("--attrs needs a conditional model (trained with --condition)")
         return G
     return ConditionedG(G, parse_attrs(attrs, condition)).to(next(G.parameters()).device).eval()
-
-
-def load_unconditional_generator(path: Path, device="cpu", ema: bool = True):
-    """load_any_generator for the commands that draw G(z) without a condition (`directions`: on
-    a conditional model the condition itself is the attribute control): a conditional generator
-    is refused with one line."""
-    from facegan_dist.errors import ConfigError
-
-    G, meta, info = load_any_generator(path, device, ema=ema)
-    if meta.get("condition"):
-        raise ConfigError(
-            f"{path}: a conditional generator; this command supports unconditional models only "
-            "(use `facegan sample --attrs` to draw from it)"
-        )
-    return G, meta, info
-
-
-# ---- seed-addressed images ----
-
-
-def seed_images(
-    G: torch.nn.Module,
-    seeds: list[int] | range,
-    *,
-    psi: float = 1.0,
-    mode: str = "shrink",
-    batch: int = 64,
-) -> Tensor:
-    """[len(seeds), 3, S, S] float in [-1, 1] on CPU; image i depends on seeds[i] only (G in
-    eval mode: BatchNorm uses its running statistics, dropout is off)."""
-    from facegan_dist.latent import truncated_z
-
-    return generate(G, truncated_z(seeds, G.z_dim, psi, mode), batch=batch)
-
-
-def strip_uint8(images: Tensor, padding: int = 2) -> Tensor:
-    """One row of images -> [3, H, W] uint8."""
-    return grid_uint8(images, nrow=images.shape[0], padding=padding)
 
 
 def parse_grid(text: str, flag: str = "--grid") -> tuple[int, int]:
@@ -386,8 +187,10 @@ def sample(cfg: SampleConfig, state=None) -> dict:
     import json
 
     from facegan_dist import dist, latent
+    from facegan_dist.artifacts import load_any_generator
     from facegan_dist.errors import CheckpointError, ConfigError
-    from facegan_dist.export import atomic_write_text, writable_dir
+    from facegan_dist.images import generate, grid_uint8, save_png, strip_uint8, to_uint8
+    from facegan_dist.paths import atomic_write_text, out_dir
 
     plan = cfg.plan()
     rank, world = dist.world(state)
@@ -414,7 +217,7 @@ def sample(cfg: SampleConfig, state=None) -> dict:
                     )
             edits.append(edit)
     # inputs first (nothing is created for a bad source), then the output, then the work
-    out = writable_dir(Path(cfg.out), "--out")  # every rank
+    out = out_dir(Path(cfg.out), "--out")  # every rank
     written: list[Path] = []
 
     def z_of(seeds: list[int]) -> Tensor:

@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import Tensor
 
-from facegan_dist.sampling import save_png
+from facegan_dist.images import save_png
 
 
 def has_wandb_api_key() -> bool:

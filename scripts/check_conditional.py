@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
+from facegan_dist.artifacts import load_any_generator
 from facegan_dist.classifier import get_classifier, predict
 from facegan_dist.data.stream import ShardStream
 from facegan_dist.latent import seed_z
-from facegan_dist.sampling import load_any_generator
 
 DEFAULT = ["Smiling", "Eyeglasses", "Male", "Blond_Hair", "Black_Hair", "Wearing_Hat",
            "Pale_Skin", "Mouth_Slightly_Open"]  # fmt: skip

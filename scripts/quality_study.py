@@ -168,8 +168,8 @@ def generators(name: str, run_dir: Path):
     the train-mode G of the baseline."""
     from safetensors.torch import load_file
 
+    from facegan_dist.artifacts import CKPT_STATE_NAME, load_any_generator
     from facegan_dist.models import build_models
-    from facegan_dist.sampling import CKPT_STATE_NAME, load_any_generator
 
     if name == "baseline":
         meta = json.loads((run_dir.parent.parent / "baseline-meta.json").read_text())
@@ -257,7 +257,7 @@ def summarise(rows: list[dict], recipes: list[str], out: Path) -> str:
 
 
 def final_grid(name: str, run_dir: Path, out: Path) -> None:
-    from facegan_dist.sampling import grid_uint8, save_png, seed_images
+    from facegan_dist.images import grid_uint8, save_png, seed_images
 
     last = list(generators(name, run_dir))
     if not last:

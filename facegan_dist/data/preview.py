@@ -5,17 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from facegan_dist.data.stream import ShardStream
-from facegan_dist.sampling import grid_uint8, save_png
+from facegan_dist.images import grid_uint8, save_png
 
 
 def contact_sheet(shard_dir: Path, out: Path, n: int = 64, split: str = "all", seed: int = 0):
     """Write `n` images (or all, if fewer) of `split` as a square grid to `out`; returns the
     number of images and the attribute names of the shards. A bad `out` (a folder, a path under
     a file, an unwritable place) is one ConfigError naming --out, before any image is read."""
-    from facegan_dist.export import writable_file
+    from facegan_dist.paths import out_file
 
     probe = ShardStream(shard_dir, split=split, batch_per_device=1)  # reads the manifest only
-    writable_file(Path(out), "--out")
+    out_file(Path(out), "--out")
     n = max(1, min(n, probe.num_samples))
     stream = ShardStream(shard_dir, split=split, batch_per_device=n, seed=seed, shuffle_buffer=1)
     images, _attrs = next(iter(stream))

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from facegan_dist.errors import CheckpointError
-from facegan_dist.export import atomic_write_text
+from facegan_dist.paths import atomic_write_text
 
 STATE_NAME = "trainer_state.json"
 _CKPT_RE = re.compile(r"^step-(\d{9})$")

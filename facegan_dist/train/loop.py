@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from facegan_dist import dist
+from facegan_dist.artifacts import export_generator, generator_meta
 from facegan_dist.config import (
     TrainConfig,
     dumps,
@@ -35,9 +36,10 @@ from facegan_dist.errors import (
     FaceganError,
     TrainingError,
 )
-from facegan_dist.export import atomic_write_text, export_generator, generator_meta
+from facegan_dist.images import grid_uint8
+from facegan_dist.latent import fixed_noise
 from facegan_dist.models.bn import batchnorms, calibration_settings
-from facegan_dist.sampling import fixed_noise, grid_uint8
+from facegan_dist.paths import atomic_write_text
 from facegan_dist.train import checkpoint
 from facegan_dist.train.ema import EMA
 from facegan_dist.train.setup import (
@@ -576,8 +578,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
 
     def final_pictures(G_final: torch.nn.Module) -> None:
         """The end of a run: a grid of seeds 0-63 and a slerp strip seed 0 -> 1 (main process)."""
+        from facegan_dist.images import generate, seed_images, strip_uint8
         from facegan_dist.latent import interpolate, seed_z
-        from facegan_dist.sampling import generate, seed_images, strip_uint8
 
         grid = grid_uint8(seed_images(G_final, range(64)))
         logger.image("final/grid", grid, step, run_dir / "samples" / "final-grid.png")

@@ -103,8 +103,8 @@ def test_an_eoferror_is_not_reported_as_aborted(setup, tmp_path, monkeypatch, ca
 def test_atomic_writes_leave_no_temp_file_when_the_rename_fails(tmp_path):
     """What left a 141 KB `.empty.tmp` behind `preview --out empty/`: the PNG was written to the
     temp name and the rename onto a folder failed."""
-    from facegan_dist.export import atomic_write_text
-    from facegan_dist.sampling import save_png
+    from facegan_dist.images import save_png
+    from facegan_dist.paths import atomic_write_text
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "keep").write_text("x")  # a non-empty folder: os.replace fails
@@ -116,7 +116,7 @@ def test_atomic_writes_leave_no_temp_file_when_the_rename_fails(tmp_path):
 
 
 def test_atomic_writes_leave_no_temp_file_when_the_write_fails(tmp_path, monkeypatch):
-    from facegan_dist.export import atomic_path
+    from facegan_dist.paths import atomic_path
 
     with pytest.raises(KeyboardInterrupt), atomic_path(tmp_path / "f.json") as tmp:
         tmp.write_text("half")

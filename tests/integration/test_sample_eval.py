@@ -24,7 +24,7 @@ Z = 16
 def tiny_run(root: Path, attribute_names: list[str], *, ema: bool = True) -> Path:
     """RUN/export/ with a tiny DCGAN G (BatchNorm statistics set) and, with `ema`, an 'EMA'
     whose weights differ (so --no-ema is observable)."""
-    from facegan_dist.export import export_generator, generator_meta
+    from facegan_dist.artifacts import export_generator, generator_meta
     from facegan_dist.models import build_models
 
     torch.manual_seed(0)
@@ -140,7 +140,7 @@ def test_interpolation_arith_and_edit_outputs(run, tmp_path):
 def test_sample_falls_back_to_the_newest_checkpoint(tmp_path, names):
     from safetensors.torch import load_file, save_file
 
-    from facegan_dist.export import META_NAME, RAW_WEIGHTS_NAME
+    from facegan_dist.artifacts import META_NAME, RAW_WEIGHTS_NAME
 
     exported = tiny_run(tmp_path / "x", names)
     ckpt = tmp_path / "run" / "checkpoints" / "step-000000100"
@@ -270,7 +270,7 @@ GENERATOR_JSON_PROBLEMS = {
 
 @pytest.mark.parametrize("problem", list(GENERATOR_JSON_PROBLEMS))
 def test_generator_json_problems_name_generator_json(problem, tmp_path):
-    from facegan_dist.export import META_NAME
+    from facegan_dist.artifacts import META_NAME
 
     run = tiny_run(tmp_path / "run", ["a"], ema=False)
     meta_path = run / "export" / META_NAME
@@ -294,7 +294,7 @@ def test_empty_weights_files_are_named(run, tmp_path):
     line naming that file (an EOFError from such a read used to print `error: aborted`)."""
     import shutil
 
-    from facegan_dist.export import WEIGHTS_NAME
+    from facegan_dist.artifacts import WEIGHTS_NAME
 
     broken = tmp_path / "broken"
     shutil.copytree(run, broken)

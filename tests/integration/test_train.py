@@ -58,7 +58,7 @@ def test_each_model_loss_precision_trains(shards16, tmp_path, arch, loss, precis
     cfg_json = json.loads((tmp_path / "r" / "config.json").read_text())
     assert cfg_json["arch"] == arch and cfg_json["loss"] == loss
     # the exported generator rebuilds and draws images
-    from facegan_dist.export import load_generator
+    from facegan_dist.artifacts import load_generator
 
     G, meta = load_generator(tmp_path / "r" / "export")
     assert meta["resolution"] == 16 and meta["arch"] == arch
@@ -88,7 +88,7 @@ def test_run_folder_artifacts(shards16, tmp_path):
             "ema.safetensors"} <= files  # fmt: skip
     assert res.export_dir == r / "export"
     # the export: the EMA as generator.safetensors, G itself beside it
-    from facegan_dist.export import load_generator
+    from facegan_dist.artifacts import load_generator
 
     G_ema, meta = load_generator(r / "export")
     G_raw, _ = load_generator(r / "export", ema=False)
@@ -306,7 +306,7 @@ def test_eval_every_logs_fid_and_keeps_best(shards16, tmp_path):
     best = json.loads((tmp_path / "ev" / "best" / "best.json").read_text())
     assert best["fid"] == min(r["fid"] for r in evals)
     assert best["step"] in (5, 10)
-    from facegan_dist.export import load_generator
+    from facegan_dist.artifacts import load_generator
 
     G, meta = load_generator(tmp_path / "ev" / "best")
     assert meta["resolution"] == 16
@@ -320,10 +320,10 @@ def test_ema_export_and_checkpoint_carry_bn_statistics_of_the_ema_weights(shards
     """The EMA's BatchNorm statistics are re-estimated from its own weights before it is saved
     (models/bn.py): the export and the checkpoint hold exactly what a recalibration of their
     weights gives, and not the raw G's statistics; a seed's image is the same for any batch."""
-    from facegan_dist.export import load_generator
+    from facegan_dist.artifacts import CKPT_EMA_NAME, load_any_generator, load_generator
+    from facegan_dist.images import generate
     from facegan_dist.latent import seed_z
     from facegan_dist.models.bn import recalibrate_bn
-    from facegan_dist.sampling import CKPT_EMA_NAME, generate, load_any_generator
 
     run(shards16, tmp_path / "r", max_steps=20, ema_kimg=0.2, ema_rampup=None)
     r = tmp_path / "r"
@@ -349,8 +349,8 @@ def test_ema_export_and_checkpoint_carry_bn_statistics_of_the_ema_weights(shards
 
 
 def test_old_ema_export_without_calibration_is_recalibrated_on_load(shards16, tmp_path):
+    from facegan_dist.artifacts import load_any_generator
     from facegan_dist.models.bn import recalibrate_bn
-    from facegan_dist.sampling import load_any_generator
 
     run(shards16, tmp_path / "r", max_steps=10)
     meta_path = tmp_path / "r" / "export" / "generator.json"

@@ -67,7 +67,7 @@ def test_variant_trains_with_finite_losses(shards, tmp_path, variant, precision)
                         ["attr_0", "attr_3"])  # fmt: skip
         c = load_file(ckpt / "fixed_noise.safetensors")["c"]
         assert c.shape == (8, len(cond))
-        from facegan_dist.export import load_generator
+        from facegan_dist.artifacts import load_generator
 
         G, meta = load_generator(out / "export")
         import torch

@@ -146,8 +146,8 @@ def test_sources_load_nothing_that_runs_code():
 def test_generator_file_with_a_pickle_runs_nothing(trained, tmp_path, kind):
     """`facegan sample` / `evaluate` load G from an export or a checkpoint with safetensors only:
     a pickle in its place is a one-line CheckpointError naming the file, and nothing runs."""
+    from facegan_dist.artifacts import load_any_generator
     from facegan_dist.errors import CheckpointError
-    from facegan_dist.sampling import load_any_generator
 
     src = trained / "export" if kind == "export" else trained / "checkpoints" / "step-000000002"
     folder = tmp_path / kind

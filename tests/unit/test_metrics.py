@@ -138,8 +138,8 @@ def shards(tmp_path) -> Path:
 
 def reference_features(shards: Path, ext, n: int, count: int):
     from facegan_dist.classifier import iter_split_once
+    from facegan_dist.images import to_uint8
     from facegan_dist.latent import truncated_z
-    from facegan_dist.sampling import to_uint8
 
     real = torch.cat([ext(im) for im, _, _ in iter_split_once(shards, "train", 7, limit=count)])
     with torch.no_grad():

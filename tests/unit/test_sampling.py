@@ -9,17 +9,12 @@ import pytest
 import torch
 
 from facegan_dist import latent
+from facegan_dist.artifacts import find_generator, load_any_generator, newest_checkpoint
 from facegan_dist.directions import fit_directions
 from facegan_dist.errors import CheckpointError, ConfigError
+from facegan_dist.images import seed_images, to_uint8
 from facegan_dist.models import build_models
-from facegan_dist.sampling import (
-    find_generator,
-    load_any_generator,
-    newest_checkpoint,
-    parse_grid,
-    seed_images,
-    to_uint8,
-)
+from facegan_dist.sampling import parse_grid
 
 Z = 16
 
@@ -107,7 +102,7 @@ def test_interpolation_endpoints_are_the_seed_images(G, mode):
     path = latent.interpolate(za, zb, 6, mode)
     assert path.shape == (6, Z)
     assert torch.equal(path[0], za) and torch.equal(path[-1], zb)
-    from facegan_dist.sampling import generate
+    from facegan_dist.images import generate
 
     strip = generate(G, path)
     ends = seed_images(G, [3, 17])
@@ -122,7 +117,7 @@ def test_slerp_keeps_the_norm_typical():
 
 
 def test_arithmetic_single_seed_groups(G):
-    from facegan_dist.sampling import generate
+    from facegan_dist.images import generate
 
     lat = dict(zip([1, 2, 3], latent.seed_z([1, 2, 3], Z), strict=True))
     _, r = latent.arith_z(latent.parse_arith("1 - 2 + 2"), lat)
@@ -188,7 +183,7 @@ def test_newest_checkpoint_agrees_with_the_trainer(tmp_path):
 def test_checkpoint_folder_loads_ema_or_raw(tmp_path, G):
     from safetensors.torch import save_file
 
-    from facegan_dist.export import generator_meta
+    from facegan_dist.artifacts import generator_meta
 
     cfg = {"arch": "dcgan", "act": "relu", "dropout": 0.0, "z_dim": Z, "g_width": 8, "d_width": 8}
     ckpt = tmp_path / "run" / "checkpoints" / "step-000000010"
