@@ -261,70 +261,42 @@ def bench_train(
     `overrides` are TrainConfig fields (compile, channels_last, tf32, fused_adam, data_cache,
     num_workers, widths...). With `data`, our step is also timed end to end on the real
     pipeline (the shard stream, or the device cache with data_cache="device")."""
-    from accelerate.utils import set_seed
-
-    from facegan_dist import dist
     from facegan_dist.config import PRECISIONS, PRESETS, merge_train_config
     from facegan_dist.errors import ConfigError
     from facegan_dist.models import count_params
-    from facegan_dist.train.setup import (
-        apply_backend_settings,
-        build_gan,
-        build_step,
-        check_device_settings,
-        memory_format_and_optimizers,
-        model_input,
-    )
+    from facegan_dist.train.run import build_run
+    from facegan_dist.train.setup import build_gan, model_input
 
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision {precision!r} must be one of {', '.join(PRECISIONS)}")
     if preset not in bench_presets():
         why = " (conditional presets are not benchmarked)" if preset in PRESETS else ""
         raise ConfigError(f"--preset {preset!r} must be one of {', '.join(bench_presets())}{why}")
-    cfg = merge_train_config(
-        preset, None, {"data": data or Path("synthetic"), "batch": batch, **(overrides or {})}
-    ).validate()
+    flags = {"data": data or Path("synthetic"), "batch": batch, "precision": precision}
+    cfg = merge_train_config(preset, None, {**flags, **(overrides or {})}).validate()
     if cfg.condition:  # before any work
         raise ConfigError(f"--preset {preset}: bench train does not support conditional models")
-    acc = dist.build_accelerator(precision, autocast_cache=not cfg.cuda_graphs)
-    check_device_settings(cfg, acc)
-    device = acc.device
-    # under `accelerate launch`, `batch` is per process and the step is the DDP step
-    rank, world = acc.process_index, acc.num_processes
-    fast = cfg.fast_settings(device.type)
-    apply_backend_settings(fast, device.type)
-    real_iter = None
-    if data is not None:
-        from facegan_dist.data.stream import ShardStream, make_loader, read_manifest
-
-        resolution = int(read_manifest(data)["settings"]["size"])
-        if cfg.data_cache == "device":
-            from facegan_dist.data.cache import DeviceCache
-
-            real_iter = DeviceCache(data, split=cfg.split, batch_per_device=batch, rank=rank,
-                                    world_size=world, device=device).iterate()  # fmt: skip
-        else:
-            stream = ShardStream(
-                data, split=cfg.split, batch_per_device=batch, rank=rank, world_size=world,
-                num_workers=cfg.loader_workers(device.type, dist.cpus_per_process()),
-                shuffle_buffer=cfg.shuffle_buffer,
-            )  # fmt: skip
-            real_iter = iter(make_loader(stream, pin_memory=device.type == "cuda"))
-    set_seed(cfg.seed)
-    G, D = build_gan(cfg, resolution)
-    G_plain, D_plain = copy.deepcopy(G).to(device), copy.deepcopy(D).to(device)
-    G0, D0 = copy.deepcopy(G), copy.deepcopy(D)  # the initial weights, for the agreement check
-    G, D, opt_g, opt_d = memory_format_and_optimizers(G, D, cfg, fast)
+    # The run `facegan train` builds (Accelerator, device checks, backend switches, data, seeded
+    # models, optimizers, prepare, the step), without a run folder. Under `accelerate launch`,
+    # `batch` is per process and the step is the DDP step.
+    run = build_run(cfg, run_folder=False, batch_per_process=True,
+                    resolution=None if data is not None else resolution)  # fmt: skip
+    acc, device, fast, world = run.acc, run.device, run.fast, run.acc.num_processes
+    resolution = run.resolution
+    G, D, gan_step = run.G, run.D, run.gan_step
+    real_iter = None if run.data is None else run.data.batches(pin_memory=device.type == "cuda")
+    # the initial weights in plain eager modules: the agreement check's start, the plain loop
+    G0, D0 = build_gan(cfg, resolution)
+    G0.load_state_dict(acc.unwrap_model(G).state_dict())
+    D0.load_state_dict(acc.unwrap_model(D).state_dict())
+    G_plain, D_plain = copy.deepcopy(G0).to(device), copy.deepcopy(D0).to(device)
     opt_gp = torch.optim.Adam(G_plain.parameters(), lr=cfg.lr_g, betas=cfg.betas_g)
     opt_dp = torch.optim.Adam(D_plain.parameters(), lr=cfg.lr_d, betas=cfg.betas_d)
-    G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
     gen = torch.Generator().manual_seed(0)
     reals = [torch.randint(0, 256, (batch, 3, resolution, resolution), dtype=torch.uint8,
                            generator=gen) for _ in range(4)]  # fmt: skip
     if device.type == "cuda":
         reals = [r.pin_memory() for r in reals]
-    gan_step = build_step(acc, G, D, opt_g, opt_d, cfg, fast, batch=batch * world,
-                          resolution=resolution)  # fmt: skip
     counter = {"i": 0}
 
     def prep(x: torch.Tensor) -> torch.Tensor:
