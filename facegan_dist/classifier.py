@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from facegan_dist.data.readback import iter_split_once, manifest_sha256
 from facegan_dist.errors import DataError
 
 CLASSIFIER_DIR = "classifier"
@@ -41,14 +42,6 @@ META_NAME = "attributes.json"
 ARCH_VERSION = 1  # bump when AttributeNet changes: old caches are then retrained
 FEATURE_DIM = 128
 HOLDOUT_MOD = 10  # without a val split, keys hashing to 0 mod 10 are held out
-
-
-def manifest_sha256(shard_dir: Path) -> str:
-    """sha256 of `manifest.json`: it lists every shard's sha, so it changes with the data."""
-    from facegan_dist.data.stream import read_manifest
-
-    read_manifest(shard_dir)  # validates, with one-line errors
-    return hashlib.sha256((Path(shard_dir) / "manifest.json").read_bytes()).hexdigest()
 
 
 class AttributeNet(nn.Module):
@@ -88,24 +81,6 @@ def uint8_to_input(images: Tensor) -> Tensor:
 
 def _held_out(key: str) -> bool:
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % HOLDOUT_MOD == 0
-
-
-def iter_split_once(shard_dir: Path, split: str, batch: int, limit: int | None = None):
-    """(uint8 images, uint8 attrs, keys) batches covering each sample of `split` exactly once,
-    in a fixed order (epoch 0 of a 1-process, unshuffled ShardStream), at most `limit` images."""
-    from facegan_dist.data.stream import ShardStream
-
-    stream = ShardStream(
-        shard_dir, split=split, batch_per_device=batch, shuffle_buffer=0, return_keys=True
-    )
-    total = stream.num_samples if limit is None else min(limit, stream.num_samples)
-    seen = 0
-    for images, attrs, keys in stream:
-        take = min(total - seen, images.shape[0])
-        yield images[:take], attrs[:take], keys[:take]
-        seen += take
-        if seen >= total:
-            return
 
 
 @dataclass(frozen=True)

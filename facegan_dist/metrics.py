@@ -378,7 +378,7 @@ def real_features(
     """Features [k, D] of this rank's contiguous share of the first `count` images of `split`
     (every rank reads the images in the same order and featurises its share)."""
     from facegan_dist import dist
-    from facegan_dist.classifier import iter_split_once
+    from facegan_dist.data.readback import iter_split_once
 
     rank, world = dist.world(state)
     sizes = dist.chunk_sizes(count, world)
@@ -404,7 +404,7 @@ def real_conditions(data_dir: Path, split: str, n: int, attr_idx: list[int]) -> 
     real images, cycled to n rows. A conditional G is evaluated on the real label distribution
     (fake image i gets the labels of real image i), the usual protocol for conditional FID: the
     score then measures image quality and label coverage together."""
-    from facegan_dist.classifier import iter_split_once
+    from facegan_dist.data.readback import iter_split_once
 
     count = min(n, _split_count(data_dir, split))
     idx = torch.tensor(attr_idx, dtype=torch.long)
@@ -478,7 +478,7 @@ def evaluate_generator(
     G is put in eval mode for the duration and restored. Returns
     {fid, kid, kid_std, n, n_real, features, split, kid_subset_size, conditions}."""
     from facegan_dist import dist
-    from facegan_dist.classifier import manifest_sha256
+    from facegan_dist.data.readback import manifest_sha256
     from facegan_dist.latent import check_truncation
 
     if n < 2:

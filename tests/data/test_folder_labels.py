@@ -178,13 +178,8 @@ def test_verify_checks_the_attribute_count(labelled, tmp_path):
 
 
 def test_attribute_classifier_trains_on_folder_classes(labelled, tmp_path):
-    from facegan_dist.classifier import (
-        CLASSIFIER_DIR,
-        ClassifierSettings,
-        get_classifier,
-        iter_split_once,
-        predict,
-    )
+    from facegan_dist.classifier import CLASSIFIER_DIR, ClassifierSettings, get_classifier, predict
+    from facegan_dist.data.readback import iter_split_once
 
     out = shutil.copytree(labelled, tmp_path / "shards")
     settings = ClassifierSettings(epochs=2, batch=8, width=8)

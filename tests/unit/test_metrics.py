@@ -137,7 +137,7 @@ def shards(tmp_path) -> Path:
 
 
 def reference_features(shards: Path, ext, n: int, count: int):
-    from facegan_dist.classifier import iter_split_once
+    from facegan_dist.data.readback import iter_split_once
     from facegan_dist.images import to_uint8
     from facegan_dist.latent import truncated_z
 
@@ -164,7 +164,7 @@ def test_evaluate_generator_with_an_extractor_equals_the_references(shards):
 def test_real_stats_are_cached_reused_and_keyed_by_extractor(shards):
     from safetensors import safe_open
 
-    from facegan_dist.classifier import manifest_sha256
+    from facegan_dist.data.readback import manifest_sha256
 
     kw = dict(n=24, batch=10, kid_subsets=3)
     first = Projection()
@@ -223,7 +223,7 @@ def test_fewer_real_images_than_n_warns_naming_both_counts(shards):
 def test_conditional_fakes_get_the_real_labels_row_by_row(tmp_path):
     """real_conditions: the condition columns of the first images, cycled to n rows;
     fake_features: fake image i is drawn with row i, however the seeds are batched."""
-    from facegan_dist.classifier import iter_split_once
+    from facegan_dist.data.readback import iter_split_once
 
     shards = write_tiny_shards(tmp_path / "s", n=20, size=16, per_shard=8)
     attrs = torch.cat([a for _, a, _ in iter_split_once(shards, "train", 7)]).float()
