@@ -195,17 +195,27 @@ def load_generator(
 # ---- any generator of a run: its export, or a checkpoint ----
 
 
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder in run_dir/checkpoints (None if there is none)."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return None
+def ckpt_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints in `ckpt_root` (RUN/checkpoints), oldest first: `step-*` folders
+    holding trainer_state.json, which a save writes last."""
+    if not ckpt_root.is_dir():
+        return []
     found = [
         p
-        for p in root.iterdir()
+        for p in ckpt_root.iterdir()
         if p.is_dir() and CKPT_RE.match(p.name) and (p / CKPT_STATE_NAME).is_file()
     ]
-    return max(found, key=lambda p: int(CKPT_RE.match(p.name).group(1))) if found else None
+    return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder in run_dir/checkpoints (None if there is none)."""
+    found = list_checkpoints(Path(run_dir) / CHECKPOINTS_DIR)
+    return found[-1] if found else None
 
 
 def find_generator(path: Path) -> tuple[str, Path, Path | None]:

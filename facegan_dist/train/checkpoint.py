@@ -42,28 +42,10 @@ from typing import Any
 
 import torch
 
+from facegan_dist.artifacts import CKPT_RE, ckpt_name, list_checkpoints
+from facegan_dist.artifacts import CKPT_STATE_NAME as STATE_NAME
 from facegan_dist.errors import CheckpointError
 from facegan_dist.paths import atomic_write_text
-
-STATE_NAME = "trainer_state.json"
-_CKPT_RE = re.compile(r"^step-(\d{9})$")
-
-
-def ckpt_name(step: int) -> str:
-    return f"step-{step:09d}"
-
-
-def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    if not ckpt_root.is_dir():
-        return []
-    found = [
-        p
-        for p in ckpt_root.iterdir()
-        if p.is_dir() and _CKPT_RE.match(p.name) and (p / STATE_NAME).is_file()
-    ]
-    return sorted(found, key=lambda p: int(_CKPT_RE.match(p.name).group(1)))
-
 
 # What a training run writes into its folder. A fresh run refuses a folder holding any of them
 # (it would mix two runs); `--restart` moves them aside together, deleting nothing.
@@ -169,12 +151,12 @@ def set_aside_newer(ckpt_root: Path, resumed: Path) -> list[tuple[Path, Path]]:
     would take the old folder for its own and --resume auto could pick it, so each is renamed
     to `<name>.damaged` or `<name>.superseded` (out of the step-* namespace: never resumed,
     rotated or deleted). Returns the (old, new) paths."""
-    step = int(_CKPT_RE.match(resumed.name).group(1)) if _CKPT_RE.match(resumed.name) else None
+    step = int(CKPT_RE.match(resumed.name).group(1)) if CKPT_RE.match(resumed.name) else None
     if step is None:
         step = int(read_state(resumed)["step"])
     moved = []
     for ckpt in list_checkpoints(ckpt_root):
-        if int(_CKPT_RE.match(ckpt.name).group(1)) <= step:
+        if int(CKPT_RE.match(ckpt.name).group(1)) <= step:
             continue
         kind = "damaged" if check_files(ckpt) is not None else "superseded"
         dest, n = ckpt.with_name(f"{ckpt.name}.{kind}"), 1

@@ -78,7 +78,10 @@ class _StopFlag:
     def _handle(self, signum, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = signum
+        # The first signal names the stop: after a Ctrl-C of a 1-process launch the launcher
+        # also forwards SIGTERM, and the message should still say SIGINT.
+        if self.signum is None:
+            self.signum = signum
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
