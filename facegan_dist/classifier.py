@@ -16,9 +16,10 @@ into two groups.
 Cache: `SHARD_DIR/classifier/attributes.safetensors` (state_dict) + `attributes.json` (settings,
 the sha256 of manifest.json, per-attribute accuracy on the held-out images and the majority-class
 baseline). It is reused when the manifest sha and the network's code version (ARCH_VERSION)
-match, whatever settings trained it; otherwise (or with --retrain-classifier) it is trained
-again. Held-out images: the `val` split when the shards have one, else the training samples
-whose key hashes to 0 mod 10 (those are then left out of training).
+match, whatever settings trained it and the files load; otherwise (a stale, damaged or missing
+file, or --retrain-classifier) it is trained again. Held-out images: the `val` split when the
+shards have one, else the training samples whose key hashes to 0 mod 10 (those are then left out
+of training).
 """
 
 from __future__ import annotations
@@ -98,12 +99,6 @@ class ClassifierSettings:
         return {"arch_version": ARCH_VERSION}
 
 
-def _split_names(shard_dir: Path) -> list[str]:
-    from facegan_dist.data.stream import read_manifest
-
-    return list(read_manifest(shard_dir)["splits"])
-
-
 @torch.no_grad()
 def accuracy(model: AttributeNet, batches, device) -> tuple[Tensor, Tensor, int]:
     """(per-attribute accuracy [A], positive rate [A], images) over uint8 batches."""
@@ -126,15 +121,15 @@ def train_classifier(
 ) -> tuple[AttributeNet, dict]:
     """Train on the `train` split (BCE with logits, Adam, random horizontal flips) and measure
     per-attribute accuracy on the held-out images -> (model in eval mode, meta)."""
-    from facegan_dist.data.stream import ShardStream, read_manifest
+    from facegan_dist.data.stream import Manifest, ShardStream
 
     log = log or (lambda *a: None)
-    manifest = read_manifest(shard_dir)
-    names = list(manifest.get("attribute_names") or [])
+    manifest = Manifest.read(shard_dir)
+    names = manifest.attribute_names
     if not names:
         raise DataError(f"{shard_dir}: the shards have no attributes (manifest attribute_names)")
-    S = manifest["settings"]["size"]
-    splits = _split_names(shard_dir)
+    S = manifest.image_size
+    splits = manifest.split_names
     train_split = "train" if "train" in splits else "all"
     has_val = "val" in splits and train_split == "train"
     torch.manual_seed(settings.seed)
@@ -144,7 +139,7 @@ def train_classifier(
     stream = ShardStream(
         shard_dir,
         split=train_split,
-        batch_per_device=min(settings.batch, max(1, _count(shard_dir, train_split))),
+        batch_per_device=min(settings.batch, max(1, manifest.count(train_split))),
         seed=settings.seed,
         shuffle_buffer=1000,
         return_keys=True,
@@ -204,15 +199,6 @@ def train_classifier(
     return model, meta
 
 
-def _count(shard_dir: Path, split: str) -> int:
-    from facegan_dist.data.stream import read_manifest
-
-    splits = read_manifest(shard_dir)["splits"]
-    if split == "all":
-        return sum(int(s.get("count", 0)) for s in splits.values())
-    return int(splits[split].get("count", 0))
-
-
 def save_classifier(model: AttributeNet, meta: dict, folder: Path) -> Path:
     from safetensors.torch import save_file
 
@@ -230,19 +216,25 @@ def save_classifier(model: AttributeNet, meta: dict, folder: Path) -> Path:
 
 
 def load_classifier(folder: Path, device="cpu") -> tuple[AttributeNet, dict]:
+    """The cached classifier in `folder`; a damaged or unreadable file is a DataError naming it
+    (one line: an empty or truncated safetensors file raises safetensors' own error type)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    meta_path, weights = folder / META_NAME, folder / WEIGHTS_NAME
+    path = meta_path
     try:
-        meta = json.loads((folder / META_NAME).read_text())
+        meta = json.loads(meta_path.read_text())
         model = AttributeNet(
             resolution=meta["resolution"],
             n_attrs=len(meta["attribute_names"]),
             width=meta["width"],
         )
-        model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        path = weights
+        model.load_state_dict(load_file(str(weights)))
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{folder}: cannot load the attribute classifier ({first})") from None
+        raise DataError(f"{path}: cannot load the attribute classifier ({first})") from None
     return model.to(device).eval().requires_grad_(False), meta
 
 
@@ -269,20 +261,26 @@ def get_classifier(
     state=None,
     log=None,
 ) -> tuple[AttributeNet, dict]:
-    """The cached classifier of `shard_dir` if it matches, else a freshly trained (and cached)
-    one. Every rank calls this: rank 0 trains and writes, the others wait and load."""
+    """The cached classifier of `shard_dir` if it matches and loads, else a freshly trained (and
+    cached) one: the cache is only a cache, so a damaged file (empty, truncated) is trained again,
+    with one log line naming it. Every rank calls this: rank 0 trains and writes, the others wait
+    and load. (All ranks read the same files before rank 0 writes anything, so they agree.)"""
     from facegan_dist import dist
 
     folder = Path(shard_dir) / CLASSIFIER_DIR
     meta = cached_meta(folder)
-    if retrain or not is_matching(meta, shard_dir, settings):
-        if dist.is_main(state):
-            why = "--retrain-classifier" if retrain else ("stale" if meta else "none cached")
-            if log:
-                log(f"training the attribute classifier on {shard_dir} ({why})")
-            model, meta = train_classifier(shard_dir, settings, device, log)
-            save_classifier(model, meta, folder)
-        dist.barrier(state)
+    why = "--retrain-classifier" if retrain else ("stale" if meta else "none cached")
+    if not retrain and is_matching(meta, shard_dir, settings):
+        try:
+            return load_classifier(folder, device)
+        except DataError as exc:
+            why = f"{exc}"
+    if dist.is_main(state):
+        if log:
+            log(f"training the attribute classifier on {shard_dir} ({why})")
+        model, meta = train_classifier(shard_dir, settings, device, log)
+        save_classifier(model, meta, folder)
+    dist.barrier(state)
     return load_classifier(folder, device)
 
 
