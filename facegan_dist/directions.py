@@ -215,7 +215,7 @@ def compute_directions(cfg: DirectionsConfig, state=None, log=print) -> dict:
     from facegan_dist import dist
     from facegan_dist.artifacts import load_unconditional_generator
     from facegan_dist.classifier import ClassifierSettings, get_classifier
-    from facegan_dist.data.stream import read_manifest
+    from facegan_dist.data.stream import Manifest
     from facegan_dist.latent import seed_z
     from facegan_dist.paths import out_file
 
@@ -225,11 +225,10 @@ def compute_directions(cfg: DirectionsConfig, state=None, log=print) -> dict:
     out = Path(cfg.out) if cfg.out else Path(info["run_dir"]) / DIRECTIONS_NAME
     for path in (out, meta_path(out)):  # before any work (the classifier takes minutes)
         out_file(path, "--out")
-    manifest = read_manifest(cfg.data)
-    if manifest["settings"]["size"] != meta["resolution"]:
+    size = Manifest.read(cfg.data).image_size
+    if size != meta["resolution"]:
         raise ConfigError(
-            f"--data {cfg.data}: shards are {manifest['settings']['size']} px, the generator "
-            f"makes {meta['resolution']} px"
+            f"--data {cfg.data}: shards are {size} px, the generator makes {meta['resolution']} px"
         )
     settings = ClassifierSettings(epochs=cfg.classifier_epochs, width=cfg.classifier_width)
     clf, clf_meta = get_classifier(

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from facegan_dist.data.stream import Manifest
 from facegan_dist.errors import CheckpointError, ConfigError, DataError
 
 FEATURES = ("inception", "attributes")
@@ -314,20 +315,6 @@ class _Metrics:
 # ---- real images: count, cache, features ----
 
 
-def _split_count(data_dir: Path, split: str) -> int:
-    from facegan_dist.data.stream import read_manifest
-
-    splits = read_manifest(data_dir)["splits"]
-    if split == "all":
-        return sum(int(v.get("count", 0)) for v in splits.values())
-    if split not in splits:
-        raise DataError(
-            f"split '{split}' is not in {Path(data_dir) / 'manifest.json'} "
-            f"(available: {', '.join(sorted(splits))}, or 'all')"
-        )
-    return int(splits[split].get("count", 0))
-
-
 def stats_path(data_dir: Path, name: str, split: str, n: int) -> Path:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
     return Path(data_dir) / STATS_DIR / f"{safe}-{split}-{n}.safetensors"
@@ -406,7 +393,7 @@ def real_conditions(data_dir: Path, split: str, n: int, attr_idx: list[int]) -> 
     score then measures image quality and label coverage together."""
     from facegan_dist.data.readback import iter_split_once
 
-    count = min(n, _split_count(data_dir, split))
+    count = min(n, Manifest.read(data_dir).count(split))
     idx = torch.tensor(attr_idx, dtype=torch.long)
     rows = [a[:, idx] for _, a, _ in iter_split_once(data_dir, split, 256, limit=count)]
     c = torch.cat(rows).float()
@@ -492,7 +479,7 @@ def evaluate_generator(
         raise ConfigError(f"--features {features!r} must be one of {', '.join(FEATURES)}")
     device = device if device is not None else next(G.parameters()).device
     state = acc
-    available = _split_count(data_dir, split)
+    available = Manifest.read(data_dir).count(split)
     count = min(n, available)
     if count < 2:
         raise DataError(f"{data_dir}: split '{split}' has {count} image(s); FID needs 2 or more")
@@ -576,13 +563,13 @@ class EvaluateConfig:
     out: Path | None = None  # default: <run dir>/eval/<features>-<split>-<n>.json
 
 
-def condition_columns(meta: dict, manifest: dict, data_dir: Path) -> list[int] | None:
+def condition_columns(meta: dict, manifest: Manifest, data_dir: Path) -> list[int] | None:
     """The columns of a conditional generator's condition attributes in the shards' attribute
     table (None for an unconditional generator)."""
     condition = list(meta.get("condition") or [])
     if not condition:
         return None
-    names = list(manifest.get("attribute_names") or [])
+    names = manifest.attribute_names
     missing = [a for a in condition if a not in names]
     if missing:
         raise ConfigError(
@@ -609,10 +596,8 @@ def evaluate(cfg: EvaluateConfig, state=None, log=None) -> dict:
         out_file(Path(cfg.out), "--out")
     else:
         out_dir(Path(info["run_dir"]) / "eval", "--out")
-    from facegan_dist.data.stream import read_manifest
-
-    manifest = read_manifest(cfg.data)
-    size = manifest["settings"]["size"]
+    manifest = Manifest.read(cfg.data)
+    size = manifest.image_size
     condition_idx = condition_columns(meta, manifest, cfg.data)
     if cfg.features == "attributes" and size != meta["resolution"]:
         raise ConfigError(

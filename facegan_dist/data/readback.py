@@ -12,10 +12,10 @@ from pathlib import Path
 
 def manifest_sha256(shard_dir: Path) -> str:
     """sha256 of `manifest.json`: it lists every shard's sha, so it changes with the data."""
-    from facegan_dist.data.stream import read_manifest
+    from facegan_dist.data.stream import Manifest
 
-    read_manifest(shard_dir)  # validates, with one-line errors
-    return hashlib.sha256((Path(shard_dir) / "manifest.json").read_bytes()).hexdigest()
+    path = Manifest.read(shard_dir).path  # validates, with one-line errors
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def iter_split_once(shard_dir: Path, split: str, batch: int, limit: int | None = None):
