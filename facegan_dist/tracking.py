@@ -27,6 +27,7 @@ from typing import Any
 from torch import Tensor
 
 from facegan_dist.images import save_png
+from facegan_dist.paths import atomic_write_text
 
 
 def has_wandb_api_key() -> bool:
@@ -71,9 +72,7 @@ def truncate_metrics(path: Path, max_step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:  # a half-written last line from a kill
             continue
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(f"{line}\n" for line in keep))
 
 
 class RunLogger:

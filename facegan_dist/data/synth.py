@@ -64,6 +64,7 @@ from facegan_dist.data.attributes import (
     partition_by_order,
 )
 from facegan_dist.errors import DataError
+from facegan_dist.paths import atomic_write_text
 from facegan_dist.progress import track
 
 __all__ = [
@@ -873,9 +874,8 @@ def make_dataset(cfg: SynthConfig, progress: bool = False) -> dict[str, Any]:
         },
         "drawn": list(DRAWN_ATTRIBUTES),
     }
-    stamp_tmp = out / (STAMP_NAME + ".tmp")
-    stamp_tmp.write_text(json.dumps({"key": _stamp_key(cfg), "summary": summary}, indent=2) + "\n")
-    os.replace(stamp_tmp, out / STAMP_NAME)
+    stamp = json.dumps({"key": _stamp_key(cfg), "summary": summary}, indent=2) + "\n"
+    atomic_write_text(out / STAMP_NAME, stamp)
 
     result = _with_abs_paths(summary, out, reused=False)
     result["seconds"] = round(time.perf_counter() - start, 2)
