@@ -5,24 +5,28 @@ batch is one `index_select` on the device instead of JPEG decoding in loader pro
 caps a GPU step at the decode rate of the CPU cores). The streaming reader (`stream.py`) stays
 the default for data that does not fit.
 
-Each rank holds its own share: the split's samples in manifest order (a random order: shards are
-shuffled at write time) are cut into `world_size` contiguous ranges of N // world_size samples
-(the last N % world_size samples are left out), so every rank has the same number of batches per
-epoch: (N // world_size) // B batches, the samples of a share that do not fill a batch left out
-too (the epoch of `stream.DataSource`; the stream instead wraps around). Epoch e of rank r is a
-permutation of its share drawn from a generator seeded by
-(seed, e, r) on the device; resuming at batch k replays the same permutations.
+One epoch, as the stream defines it (`stream.DataSource`): every sample of the split at least
+once, and the same number of batches on every rank. With N samples, W ranks and B images per
+batch, every rank has b = ceil(N / (W * B)) batches per epoch. The split's samples in manifest
+order (a random order: shards are shuffled at write time) are laid end to end and wrapped around
+(position p is sample p mod N) to the length W * B * b >= N; rank r's share is positions
+[r * B * b, (r + 1) * B * b). So the union of the shares is every sample, the last shares end
+with the first samples again, and an epoch draws fewer than W * B duplicates over all
+ranks (fewer than one batch per rank). The N % W remainder needs no special case: it is part of
+that wrap-around. A rank keeps its share every epoch (the samples are decoded once, only the
+order changes). Epoch e of rank r is a permutation of its share drawn from a generator seeded
+by (seed, e, r) on the device; resuming at batch k replays the same permutations.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from facegan_dist.data.stream import Manifest, ShardStream
-from facegan_dist.errors import DataError
 
 DECODE_CHUNK = 1024  # samples decoded per collate call while building the cache
 
@@ -46,28 +50,35 @@ class DeviceCache:
     ) -> None:
         # The stream knows the split's shards, the decoder and the attribute parsing.
         reader = ShardStream(shard_dir, split=split, batch_per_device=1, shuffle_buffer=1)
-        self.num_samples = reader.num_samples
+        N = self.num_samples = reader.num_samples  # >= 1 (the stream refuses an empty split)
         self.attribute_names = reader.attribute_names
         self.image_size = reader.image_size
-        share = self.num_samples // world_size
-        self.batches_per_epoch = share // batch_per_device
-        if self.batches_per_epoch < 1:
-            raise DataError(
-                f"{reader.shard_dir}: split '{split}' has {self.num_samples} samples, fewer than "
-                f"one batch of {batch_per_device} per process for {world_size} processes"
-            )
+        self.batches_per_epoch = math.ceil(N / (world_size * batch_per_device))  # b
+        share = self.batches_per_epoch * batch_per_device  # B * b positions per rank
         self.share, self.batch_per_device = share, batch_per_device
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.device = torch.device(device)
 
+        # Positions [first, first + share) read samples p mod N: one run of the split, or two
+        # when it wraps past the end; a share longer than the split (a tiny one) holds it once.
+        first = (rank * share) % N
+        rows = None  # share position -> stored row; None: stored in position order
+        if share >= N:
+            runs, rows = [(0, N)], (torch.arange(share) + first) % N
+        elif first + share <= N:
+            runs = [(first, first + share)]
+        else:
+            runs = [(first, N), (0, first + share - N)]
         images, attrs, keys = [], [], []
-        for imgs, att, k in reader.samples(rank * share, (rank + 1) * share, DECODE_CHUNK):
-            images.append(imgs)
-            attrs.append(att)
-            keys.extend(k)
-        self.keys: list[str] = keys
-        self.images = torch.cat(images).to(self.device)  # [share, 3, S, S] uint8
-        self.attrs = torch.cat(attrs).to(self.device)  # [share, A] uint8
+        for lo, hi in runs:
+            for imgs, att, k in reader.samples(lo, hi, DECODE_CHUNK):
+                images.append(imgs)
+                attrs.append(att)
+                keys.extend(k)
+        self.keys: list[str] = keys  # the stored samples' keys, row by row
+        self.images = torch.cat(images).to(self.device)  # [min(share, N), 3, S, S] uint8
+        self.attrs = torch.cat(attrs).to(self.device)  # [min(share, N), A] uint8
+        self._rows = rows.to(self.device) if rows is not None else None
 
     @property
     def nbytes(self) -> int:
@@ -75,7 +86,7 @@ class DeviceCache:
 
     @property
     def images_per_epoch(self) -> int:
-        """Images one epoch draws over all ranks (<= num_samples: the remainder left out)."""
+        """Images one epoch draws over all ranks (>= num_samples: the wrapped duplicates)."""
         return self.batches_per_epoch * self.batch_per_device * self.world_size
 
     @property
@@ -104,6 +115,8 @@ class DeviceCache:
             epoch, first = divmod(total, bpe)
             gen.manual_seed((self.seed * 1_000_003 + epoch) * 4096 + self.rank)
             perm = torch.randperm(self.share, generator=gen, device=self.device)
+            if self._rows is not None:
+                perm = self._rows[perm]
             for j in range(first, bpe):
                 idx = perm[j * B : (j + 1) * B]
                 yield self.images.index_select(0, idx), self.attrs.index_select(0, idx)
