@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from facegan_dist.data.remote import is_url
 from facegan_dist.errors import ConfigError
 
 SHARD_SIZES = (16, 32, 64, 128, 256)
@@ -219,9 +220,16 @@ class TrainConfig:
     """
 
     # data and output
-    data: Path | None = option(
-        None, "Shard folder from `facegan shard` (size/attributes from its manifest). Required "
+    data: Path | str | None = option(  # str: a URL (data/remote.py), kept as given
+        None, "Shard folder from `facegan shard` (size/attributes from its manifest), or its URL "
+        "prefix (https://, s3://, gs://, hf://, pipe:CMD with {name}; docs/SHARDS.md). Required "
         "(or taken from the checkpoint with --resume).", panel=DATA, shown="")  # fmt: skip
+    data_retries: int = option(  # then one line naming the URL and the cause
+        3, "Retries, with backoff, of a failed transfer from a URL --data.", panel=DATA
+    )
+    data_timeout: float = option(  # seconds without a byte: a stalled server
+        30.0, "Read timeout (s) of a transfer from a URL --data.", panel=DATA
+    )
     out: Path | None = option(
         None, "Run folder. A fresh run refuses one that holds a run: continue it with --resume "
         "auto, or see --restart.", panel=DATA, shown="runs/<preset>")  # fmt: skip
@@ -454,6 +462,10 @@ class TrainConfig:
             raise bad("--num-workers", f"{self.num_workers} must be >= 0")
         if self.shuffle_buffer < 1:
             raise bad("--shuffle-buffer", f"{self.shuffle_buffer} must be at least 1")
+        if self.data_retries < 0:
+            raise bad("--data-retries", f"{self.data_retries} must be at least 0")
+        if not self.data_timeout > 0:
+            raise bad("--data-timeout", f"{self.data_timeout:g} must be above 0 seconds")
         if self.restart and self.resume is not None:
             raise bad("--restart", f"starts the run over: it cannot go with --resume {self.resume}")
         return self
@@ -536,8 +548,8 @@ def _coerce(name: str, value: Any, field_type: Any) -> Any:
         return None
     t, given = str(field_type), value
     try:
-        if "Path" in t:
-            return Path(value)
+        if "Path" in t:  # `Path | str`: a URL stays the string it is (Path folds its "//")
+            return str(value) if "str" in t and is_url(value) else Path(value)
         if "tuple" in t:
             if isinstance(value, str):
                 value = [x for x in value.replace(" ", "").split(",") if x]

@@ -97,6 +97,8 @@ def _parameter(f: dataclasses.Field) -> inspect.Parameter:
     hint, default = _HINTS[f.name], f.default
     if typing.get_origin(hint) is tuple:  # "0.5,0.999": coerced (and checked) like a file's value
         hint, default = str | None, None
+    elif Path in typing.get_args(hint) and str in typing.get_args(hint):  # --data: URL or path
+        hint = str | None  # typer would fold a URL's "//" into a Path; config._coerce sorts it
     flag = "--" + f.name.replace("_", "-")
     if f.metadata["flag"]:
         flag = f.metadata["flag"]

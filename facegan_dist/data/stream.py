@@ -73,6 +73,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from facegan_dist.data.remote import Remote, TransferError, is_url
 from facegan_dist.errors import ConfigError, DataError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # image member suffixes, in order of preference
@@ -94,7 +95,7 @@ class ManifestError(DataError):
         self.problem, self.repairable = problem, repairable
 
 
-def read_manifest(shard_dir: Path, *, full: bool = False) -> dict:
+def read_manifest(shard_dir: Path | str | Remote, *, full: bool = False) -> dict:
     """Load and check `shard_dir/manifest.json` (written last by `facegan shard`: "complete").
 
     The one place that checks a manifest's structure, for every reader (`train`, `evaluate`,
@@ -102,15 +103,31 @@ def read_manifest(shard_dir: Path, *, full: bool = False) -> dict:
     hand-edited manifest is one line naming the file and the field, never a KeyError later.
     `full` also requires what `facegan verify` compares (`total`, each shard's bytes and sha256).
     Values that merely disagree (counts that do not add up, a wrong hash) are verify's business.
+    `shard_dir` may be a URL (`remote.is_url`) or a `Remote`: the manifest is fetched first.
     """
+    if isinstance(shard_dir, Remote) or is_url(shard_dir):
+        remote = shard_dir if isinstance(shard_dir, Remote) else Remote(str(shard_dir))
+        return _parse_manifest(
+            remote.fetch("manifest.json"), remote.where("manifest.json"),
+            "upload the shard folder's manifest.json again (`facegan verify` it locally first)",
+            full,
+        )  # fmt: skip
     shard_dir = Path(shard_dir)
     path = shard_dir / "manifest.json"
     if not path.is_file():
         raise DataError(f"{shard_dir} has no manifest.json; run `facegan shard` first")
     fix = _manifest_fix(shard_dir)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ManifestError(f"{path} is unreadable ({e})", fix) from None
+    return _parse_manifest(data, path, fix, full)
+
+
+def _parse_manifest(data: bytes, path: Path | str, fix: str, full: bool) -> dict:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise ManifestError(f"{path} is unreadable ({e})", fix) from None
     if not text.strip():
         raise ManifestError(f"{path} is empty", fix)
@@ -130,7 +147,7 @@ def _manifest_fix(shard_dir: Path) -> str:
     return "shard the source again into a new folder (no .state/run.json to rebuild it from)"
 
 
-def _check_manifest(m: object, path: Path, fix: str, full: bool) -> None:
+def _check_manifest(m: object, path: Path | str, fix: str, full: bool) -> None:
     def bad(what: str) -> ManifestError:
         return ManifestError(f"{path}: {what}", fix)
 
@@ -216,15 +233,20 @@ class Manifest:
     field); everything else reads the typed accessors.
     """
 
-    shard_dir: Path
+    shard_dir: Path | Remote  # a local folder, or a URL prefix (data/remote.py)
     raw: dict
 
     @classmethod
-    def read(cls, shard_dir: Path, *, full: bool = False) -> Manifest:
-        return cls(Path(shard_dir), read_manifest(shard_dir, full=full))
+    def read(cls, shard_dir: Path | str | Remote, *, full: bool = False) -> Manifest:
+        """`shard_dir`: a folder, a URL (`remote.is_url`) or a `Remote` (its retry policy)."""
+        if not isinstance(shard_dir, Remote):
+            shard_dir = Remote(str(shard_dir)) if is_url(shard_dir) else Path(shard_dir)
+        return cls(shard_dir, read_manifest(shard_dir, full=full))
 
     @property
-    def path(self) -> Path:
+    def path(self) -> Path | str:
+        if isinstance(self.shard_dir, Remote):
+            return self.shard_dir.where("manifest.json")
         return self.shard_dir / "manifest.json"
 
     @property
@@ -261,21 +283,26 @@ class Manifest:
         """The non-empty shards of `split` in manifest order; a listed file that is missing is
         one line naming it."""
         shards = []
+        remote = self.shard_dir if isinstance(self.shard_dir, Remote) else None
         for name in self.resolve_split(split):
             for entry in self.raw["splits"][name]["shards"]:  # types checked by read_manifest
-                path = self.shard_dir / entry["name"]
-                if not path.is_file():
-                    raise DataError(f"{path} is listed in manifest.json but missing")
+                if remote is not None:  # a missing one is a transfer error when it is read
+                    path: Path | str = remote.where(entry["name"])
+                else:
+                    path = self.shard_dir / entry["name"]
+                    if not path.is_file():
+                        raise DataError(f"{path} is listed in manifest.json but missing")
                 if entry["count"] > 0:
-                    shards.append(_Shard(entry["name"], path, entry["count"]))
+                    shards.append(_Shard(entry["name"], path, entry["count"], remote))
         return shards
 
 
 @dataclass(frozen=True)
 class _Shard:
     name: str  # file name inside the shard folder, e.g. "train-000003.tar"
-    path: Path
+    path: Path | str  # the local file, or its URL (as messages name it)
     count: int  # samples, from the manifest
+    remote: Remote | None = None  # where a URL shard is fetched from
 
 
 @dataclass(frozen=True)
@@ -285,7 +312,7 @@ class _Raw:
     key: str
     image: bytes | None  # None: no image member (an error at decode time)
     attrs: bytes | None  # the attrs.txt bytes, None when absent
-    shard: Path
+    shard: Path | str  # its shard's file or URL
 
 
 def _seed(*parts: object) -> int:
@@ -353,8 +380,12 @@ def _read_samples(shard: _Shard, start: int, stop: int) -> Iterator[_Raw]:
     """Samples [start, stop) of one shard; skipped samples are never read.
 
     The shard's index (tar headers, parsed once per process) gives each sample's byte span; the
-    samples of a run are contiguous, so they are read in a few large reads and sliced.
+    samples of a run are contiguous, so they are read in a few large reads and sliced. A URL
+    shard is streamed instead (`_read_remote_samples`), yielding the same samples.
     """
+    if shard.remote is not None:
+        yield from _read_remote_samples(shard, start, stop)
+        return
     try:
         st = shard.path.stat()
         index = _shard_index(shard.path, st.st_size, st.st_mtime_ns)
@@ -384,6 +415,76 @@ def _read_samples(shard: _Shard, start: int, stop: int) -> Iterator[_Raw]:
                     yield _Raw(index.keys[i], image, attrs, shard.path)
     except (OSError, EOFError) as e:
         raise DataError(f"{shard.path} is unreadable or truncated: {e}") from e
+
+
+def _read_remote_samples(shard: _Shard, start: int, stop: int) -> Iterator[_Raw]:
+    """Samples [start, stop) of a URL shard, read in order from its stream (data/remote.py).
+
+    A stream cannot seek: the samples before `start` are read past, and the transfer ends once
+    `stop` is reached. A failed attempt (remote.TransferError) is retried from the first sample
+    not yet yielded, so a retry never repeats or drops one; after the last attempt it is one
+    DataError line naming the URL and the cause.
+    """
+    remote = shard.remote
+    pos, err = start, None
+    for _ in remote.attempts():
+        samples = _stream_tar(shard, pos, stop)
+        try:
+            for raw in samples:
+                yield raw
+                pos += 1
+            return
+        except TransferError as e:
+            err = e
+        finally:
+            samples.close()
+    raise DataError(remote.failed(shard.name, err))
+
+
+def _stream_tar(shard: _Shard, start: int, stop: int) -> Iterator[_Raw]:
+    """One attempt at samples [start, stop) of a URL shard: tarfile over the stream, members
+    grouped into samples by the rules `_shard_index` applies to local shards (same keys, same
+    first image, same attrs), so both readers yield identical samples."""
+
+    def mismatch(n: str) -> DataError:
+        return DataError(
+            f"{shard.path} holds {n} samples but manifest.json says {shard.count}; "
+            "it is truncated or stale: upload the shard folder again"
+        )
+
+    reader = shard.remote.open(shard.name)
+    try:
+        try:
+            tar = tarfile.open(fileobj=reader, mode="r|", bufsize=1 << 20)
+            index, key, image, attrs = -1, None, None, None
+            for info in tar:
+                if not info.isreg():
+                    continue
+                name_key, ext = _split_key(info.name)
+                if name_key is None or name_key.startswith("__"):
+                    continue  # WebDataset metadata members
+                if name_key != key:
+                    if key is not None and index >= start:
+                        yield _Raw(key, image, attrs, shard.path)
+                    index, key, image, attrs = index + 1, name_key, None, None
+                    if index >= stop:
+                        if stop >= shard.count:
+                            raise mismatch(f"more than {shard.count}")
+                        return  # enough: closing the reader ends the transfer
+                if index < start:
+                    continue  # read past by tarfile, never extracted
+                if ext in IMAGE_EXTS and image is None:  # one image per sample; keep the first
+                    image = tar.extractfile(info).read()
+                elif ext == ATTRS_EXT:
+                    attrs = tar.extractfile(info).read()
+        except (tarfile.TarError, EOFError) as e:
+            raise TransferError(f"the stream is not a readable tar ({e})") from None
+        if key is not None and start <= index < stop:
+            yield _Raw(key, image, attrs, shard.path)
+        if index + 1 != shard.count:
+            raise mismatch(str(index + 1))
+    finally:
+        reader.close()
 
 
 def _torchvision_decoder():

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from facegan_dist.config import TrainConfig, merge_train_config, train_config_from_json
+from facegan_dist.data.remote import Remote
 from facegan_dist.data.stream import Manifest
 from facegan_dist.errors import CheckpointError, ConfigError, DataError
 from facegan_dist.train import checkpoint
@@ -152,7 +153,11 @@ def resolve_condition(spec: str | None, attribute_names: list[str]) -> list[str]
 
 def read_data_manifest(cfg: TrainConfig) -> Manifest:
     """The shard manifest of --data (read and checked once per run), with one-line errors for a
-    missing or empty folder."""
+    missing or empty folder. A URL --data is fetched with the --data-retries/--data-timeout
+    policy, which its shard reads keep (data/remote.py)."""
+    if isinstance(cfg.data, str):
+        remote = Remote(cfg.data, retries=cfg.data_retries, timeout_s=cfg.data_timeout)
+        return Manifest.read(remote)
     if not cfg.data.exists():
         raise DataError(f"--data {cfg.data}: no such folder (write shards with `facegan shard`)")
     if not cfg.data.is_dir():
