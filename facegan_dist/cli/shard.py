@@ -165,14 +165,19 @@ def _print_summary(result) -> None:
 @app.command("verify")
 def verify_cmd(
     shard_dir: Annotated[
-        Path, typer.Argument(help="Shard folder written by `facegan shard`.", show_default=False)
+        str,  # not Path: a URL's "//" would be folded
+        typer.Argument(
+            help="Shard folder written by `facegan shard`, or its URL prefix (docs/SHARDS.md).",
+            show_default=False,
+        ),
     ],
 ) -> None:
     """Re-hash and re-count every shard named by DIR/manifest.json; report strays. Exit 1 if bad."""
+    from facegan_dist.data.remote import is_url
     from facegan_dist.data.shards import verify_shards
 
     with errors_to_exit():
-        report = verify_shards(shard_dir)
+        report = verify_shards(shard_dir if is_url(shard_dir) else Path(shard_dir))
     if report.ok:
         typer.echo(f"OK: {report.shards} shards, {report.samples} samples in {report.out}")
         return

@@ -68,6 +68,7 @@ from facegan_dist.data.celeba import (
     Source,
     open_source,
 )
+from facegan_dist.data.remote import Remote, is_url
 from facegan_dist.errors import ConfigError, DataError
 from facegan_dist.paths import out_dir
 
@@ -825,7 +826,7 @@ def _build_manifest(
 
 @dataclass
 class VerifyReport:
-    out: Path
+    out: Path | str  # the folder, or its URL
     shards: int  # shards the manifest names
     samples: int  # samples counted in the shards that were readable
     problems: list[tuple[str, str]]  # (shard name or "manifest.json", what is wrong)
@@ -835,43 +836,65 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_shards(out: Path | str) -> VerifyReport:
+def verify_shards(out: Path | str | Remote) -> VerifyReport:
     """Re-hash, re-size and re-count every shard named by `out/manifest.json`; report strays.
 
+    `out` may be a URL prefix (data/remote.py): each shard is then downloaded (with the
+    transfer retries) into a temporary folder, checked there and deleted; a shard that cannot be
+    fetched is a problem naming the cause; strays cannot be listed over a URL.
     Raises DataError only when there is no readable manifest; shard problems are returned.
     """
-    out = Path(out).expanduser()
-    path = out / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{out} has no {MANIFEST} (not a shard folder, or sharding never finished)")
+    import tempfile
+    from contextlib import nullcontext
+
     from facegan_dist.data.stream import read_manifest
 
+    remote = out if isinstance(out, Remote) else Remote(str(out)) if is_url(out) else None
+    if remote is None:
+        out = Path(out).expanduser()
+        path = out / MANIFEST
+        if not path.is_file():
+            raise DataError(
+                f"{out} has no {MANIFEST} (not a shard folder, or sharding never finished)"
+            )
     # Every field this function reads is there with its type (one line naming it otherwise).
-    manifest = read_manifest(out, full=True)
+    manifest = read_manifest(remote or out, full=True)
     n_attrs = len(manifest.get("attribute_names") or [])
     problems: list[tuple[str, str]] = []
     names: set[str] = set()
     n_shards = n_samples = 0
     grand = 0
-    for split, entry in manifest["splits"].items():
-        split_count = 0
-        for shard in entry["shards"]:
-            name = shard["name"]
-            names.add(name)
-            n_shards += 1
-            split_count += shard["count"]
-            problem = _check_shard(out / name, shard, n_attrs)
-            if isinstance(problem, str):
-                problems.append((name, problem))
-            else:
-                n_samples += problem
-        if split_count != entry["count"]:
-            problems.append(
-                (MANIFEST, f"{split} count {entry['count']} != sum of its shards {split_count}")
-            )
-        grand += split_count
+    with tempfile.TemporaryDirectory() if remote else nullcontext() as tmp:
+        for split, entry in manifest["splits"].items():
+            split_count = 0
+            for shard in entry["shards"]:
+                name = shard["name"]
+                names.add(name)
+                n_shards += 1
+                split_count += shard["count"]
+                if remote is None:
+                    problem = _check_shard(out / name, shard, n_attrs)
+                else:
+                    copy = Path(tmp) / name
+                    try:
+                        remote.download(name, copy)
+                        problem = _check_shard(copy, shard, n_attrs)
+                    except DataError as exc:
+                        problem = f"cannot be fetched: {exc}"
+                    copy.unlink(missing_ok=True)
+                if isinstance(problem, str):
+                    problems.append((name, problem))
+                else:
+                    n_samples += problem
+            if split_count != entry["count"]:
+                problems.append(
+                    (MANIFEST, f"{split} count {entry['count']} != sum of its shards {split_count}")
+                )
+            grand += split_count
     if manifest["total"] != grand:
         problems.append((MANIFEST, f"total {manifest['total']} != sum of splits {grand}"))
+    if remote is not None:
+        return VerifyReport(out=remote.spec, shards=n_shards, samples=n_samples, problems=problems)
     for stray in sorted(p.name for p in out.glob("*.tar") if p.name not in names):
         problems.append((stray, "stray shard not listed in the manifest"))
     return VerifyReport(out=out, shards=n_shards, samples=n_samples, problems=problems)

@@ -1,0 +1,171 @@
+"""Shards over URLs (data/remote.py): a real HTTP server on 127.0.0.1 (tests/helpers/http_shards.py)
+serving tiny 16 px shard folders. Over http:// and pipe: the reader yields exactly what it yields
+from the local folder; faults are retried, then one line naming the shard URL and the cause."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from facegan_dist.cli import app
+from facegan_dist.data.remote import Remote
+from facegan_dist.data.stream import Manifest, ManifestError, ShardStream
+from facegan_dist.errors import DataError
+from tests.helpers.http_shards import FaultServer, refused_url
+from tests.helpers.shards import write_tiny_shards
+
+SHARD = "train-000001.tar"
+FAST = dict(backoff_s=0.01)  # retries without the real backoff
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_tiny_shards(tmp_path_factory.mktemp("remote16"), n=48, size=16, per_shard=16)
+
+
+@pytest.fixture
+def server(shards):
+    srv = FaultServer(shards).start()
+    yield srv
+    srv.stop()
+
+
+def batches(src, n: int, **kw) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    stream = ShardStream(src, batch_per_device=4, seed=3, shuffle_buffer=8, **kw)
+    return list(itertools.islice(iter(stream), n))
+
+
+def assert_same(a, b) -> None:
+    assert len(a) == len(b)
+    for (ia, aa), (ib, ab) in zip(a, b, strict=True):
+        assert torch.equal(ia, ib) and torch.equal(aa, ab)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"num_workers": 2},
+        {"rank": 1, "world_size": 2, "num_workers": 2},
+        {"num_workers": 2, "start_batch": 5},
+    ],  # fmt: skip
+    ids=["main", "2-workers", "rank1-of-2", "resume-mid-epoch"],
+)
+def test_http_stream_equals_local(shards, server, kw):
+    # 30 batches of 4 from 48 samples: more than two epochs, so epoch reshuffles are covered
+    assert_same(batches(server.url, 30, **kw), batches(shards, 30, **kw))
+
+
+def test_pipe_cat_equals_local(shards):
+    assert_same(batches(f"pipe:cat {shards}/{{name}}", 14), batches(shards, 14))
+
+
+def test_manifest_fetched_first_and_unsafe_names_refused(tmp_path, shards):
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["splits"]["train"]["shards"][0]["name"] = "../../etc/passwd"
+    (bad / "manifest.json").write_text(json.dumps(m))
+    srv = FaultServer(bad).start()
+    try:
+        with pytest.raises(ManifestError, match="outside its folder"):
+            Manifest.read(srv.url)
+        assert srv.requests == ["manifest.json"]  # nothing else was asked for
+    finally:
+        srv.stop()
+
+
+def test_cut_transfers_are_retried_and_resume_in_place(shards, server):
+    server.faults, server.fault_times = {SHARD: "cut"}, {SHARD: 2}
+    assert_same(batches(Remote(server.url, **FAST), 24), batches(shards, 24))
+    assert server.requests.count(SHARD) >= 3  # two cut attempts, then a whole one
+
+
+@pytest.mark.parametrize(
+    "fault, cause",
+    [
+        ("404", "HTTP error status >= 400 (e.g. 404 Not Found) (curl exit 22)"),
+        ("cut", "cut mid-file (partial transfer) (curl exit 18)"),
+        ("stall", "stalled: no data for 0.5 s (read timeout)"),
+    ],  # fmt: skip
+)
+def test_faults_are_retried_then_one_line(server, fault, cause):
+    server.faults, server.stall_s = {SHARD: fault}, 3
+    t0 = time.perf_counter()
+    with pytest.raises(DataError) as err:
+        batches(Remote(server.url, retries=2, timeout_s=0.5, **FAST), 24)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{server.url}{SHARD}: "), msg
+    assert msg.endswith(f"{cause}, 3 attempts"), msg
+    assert server.requests.count(SHARD) == 3  # the first attempt and 2 retries
+    assert time.perf_counter() - t0 < 10
+
+
+def test_connection_refused_names_the_manifest_url():
+    url = refused_url()
+    with pytest.raises(DataError) as err:
+        Manifest.read(Remote(url, retries=1, **FAST))
+    assert str(err.value) == (
+        f"{url}manifest.json: connection refused (the server is down or refuses connections) "
+        "(curl exit 7), 2 attempts"
+    )
+
+
+def test_train_exact_over_http_is_bit_identical_to_local(shards, server, tmp_path):
+    """`facegan train --data URL --exact` (the CLI, so the URL survives the option parsing)
+    against the same run from the folder: identical weights and metric rows."""
+    common = ["--preset", "demo", "--g-width", "8", "--d-width", "8", "--batch", "8",
+              "--num-workers", "0", "--log-every", "3", "--sample-every", "6", "--ckpt-every", "6",
+              "--n-samples", "4", "--wandb-mode", "disabled", "--max-steps", "6", "--exact",
+              "--shuffle-buffer", "8"]  # fmt: skip
+    from tests.conftest import reset_accelerate
+
+    for data, out in ((server.url, "http"), (str(shards), "local")):
+        reset_accelerate()
+        res = CliRunner().invoke(app, ["train", "--data", data, "--out", str(tmp_path / out),
+                                       *common])  # fmt: skip
+        assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "http" / "config.json").read_text())
+    assert saved["data"] == server.url  # kept as given, "//" and all
+    for name in ("model.safetensors", "model_1.safetensors", "ema.safetensors"):
+        a = load_file(tmp_path / "http" / "checkpoints" / "step-000000006" / name)
+        b = load_file(tmp_path / "local" / "checkpoints" / "step-000000006" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert "train-000000.tar" in server.requests
+
+
+def test_train_fault_is_one_line_exit_1(tmp_path):
+    url = refused_url()
+    res = CliRunner().invoke(app, ["train", "--data", url, "--out", str(tmp_path / "r"),
+                                   "--data-retries", "0", "--wandb-mode", "disabled"])  # fmt: skip
+    assert res.exit_code == 1, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{url}manifest.json: connection refused" in lines[0], lines
+
+
+def test_verify_over_http_catches_a_flipped_byte(tmp_path, shards):
+    folder = tmp_path / "flip"
+    shutil.copytree(shards, folder)
+    srv = FaultServer(folder).start()
+    try:
+        ok = CliRunner().invoke(app, ["verify", srv.url])
+        assert ok.exit_code == 0 and f"OK: 3 shards, 48 samples in {srv.url}" in ok.stdout
+        data = bytearray((folder / SHARD).read_bytes())
+        data[2000] ^= 0xFF
+        (folder / SHARD).write_bytes(bytes(data))
+        bad = CliRunner().invoke(app, ["verify", srv.url])
+        assert bad.exit_code == 1
+        assert f"BAD {SHARD}: sha256 does not match the manifest (corrupted)" in bad.stdout
+        srv.faults = {"train-000002.tar": "404"}
+        gone = CliRunner().invoke(app, ["verify", srv.url])
+        assert gone.exit_code == 1 and "BAD train-000002.tar: cannot be fetched: " in gone.stdout
+    finally:
+        srv.stop()
