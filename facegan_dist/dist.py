@@ -30,7 +30,6 @@ def _torchrun_world_size() -> int:
 
 def build_accelerator(
     precision: str,
-    log_with: str | None = None,
     project_dir: str | None = None,
     autocast_cache: bool = True,
 ):
@@ -59,7 +58,6 @@ def build_accelerator(
     acc = Accelerator(
         cpu=cpu,
         mixed_precision=precision,
-        log_with=log_with,
         project_dir=project_dir,
         kwargs_handlers=[
             # gradient_as_bucket_view: grads live in the all-reduce buckets (one copy fewer).
@@ -268,19 +266,20 @@ def split_items(state, items: list) -> list:
 
 def gather_rows(state, rows: torch.Tensor, n_total: int) -> torch.Tensor:
     """Concatenate every rank's `rows` ([n_rank, ...], the rows of `split_items` of n_total
-    items) in rank order -> [n_total, ...] on the CPU, on every rank (a collective)."""
+    items) in rank order -> [n_total, ...] on the CPU, on every rank (a collective).
+
+    The one padded gather: accelerate's `pad_across_processes` + `gather` (ranks' shares differ
+    by one row). Not `gather_for_metrics`: it trims only the padding of a prepared dataloader,
+    and these shares come from `split_items`, so each rank's padding is cut here."""
     if state is None or state.num_processes == 1:
         return rows.cpu()
-    import torch.distributed as tdist
+    from accelerate.utils import gather, pad_across_processes
 
     sizes = chunk_sizes(n_total, state.num_processes)
     if rows.shape[0] != sizes[state.process_index]:
         raise ValueError(f"rank {state.process_index}: {rows.shape[0]} rows, expected its share")
-    padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
-    padded[: rows.shape[0]] = rows
-    padded = padded.to(state.device).contiguous()
-    parts = [torch.empty_like(padded) for _ in sizes]
-    tdist.all_gather(parts, padded)
+    padded = pad_across_processes(rows.to(state.device).contiguous(), dim=0)
+    parts = gather(padded).split(max(sizes))  # [world * max(sizes), ...], rank by rank
     return torch.cat([p[:k].cpu() for p, k in zip(parts, sizes, strict=True)])
 
 

@@ -1,8 +1,15 @@
-"""Logging: W&B through Accelerate's tracker, mirrored to the run folder.
+"""Logging: W&B (wandb called directly, on the main process), mirrored to the run folder.
 
 Every scalar row goes to `RUN_DIR/metrics.jsonl` (one JSON object per log interval) and to W&B;
 every image goes to `RUN_DIR/samples/*.png` and to W&B. Only the main process writes or talks to
 W&B; callers reduce statistics on all ranks *before* calling in here.
+
+Why wandb directly and not Accelerate's tracker: the logger needs the run itself (`define_metric`
+for our step axis, `summary`, `log_artifact`, `finish(exit_code=1)` on failure) and must drop W&B
+when it breaks; through `accelerator.init_trackers` that meant reaching into the tracker for the
+raw run and editing `accelerator.trackers` by hand. Accelerate's tracker adds nothing here but a
+main-process guard, which `RunLogger` has anyway. So the Accelerator is built without `log_with`,
+and `RunLogger.finish` (not `accelerator.end_training`) closes the run.
 
 W&B must never stop a training run (docs/RELIABILITY.md):
 - when an online run cannot start (no network, a firewall, a bad key; wandb gives up after
@@ -53,12 +60,11 @@ def resolve_wandb_mode(requested: str | None) -> str:
 
 
 def new_run_id() -> str:
-    """A W&B-style run id (8 lowercase alphanumerics), stored in checkpoints to resume the run."""
-    import secrets
-    import string
+    """A W&B run id (8 base-36 characters), stored in checkpoints to resume the run. wandb's own
+    generator: `wandb.util.generate_id` moved to `wandb.sdk.lib.runid` (wandb/wandb#4676)."""
+    from wandb.sdk.lib.runid import generate_id
 
-    alphabet = string.ascii_lowercase + string.digits
-    return "".join(secrets.choice(alphabet) for _ in range(8))
+    return generate_id()
 
 
 def truncate_metrics(path: Path, max_step: int) -> None:
@@ -76,7 +82,7 @@ def truncate_metrics(path: Path, max_step: int) -> None:
 
 
 class RunLogger:
-    """metrics.jsonl + samples/*.png + W&B (via `accelerator.init_trackers`), main process only."""
+    """metrics.jsonl + samples/*.png + W&B (`wandb.init` with `run_id`), main process only."""
 
     def __init__(
         self,
@@ -89,67 +95,47 @@ class RunLogger:
         run_id: str,
         config: dict[str, Any],
     ) -> None:
-        self.acc, self.run_dir, self.mode, self.run_id = acc, run_dir, mode, run_id
+        self.run_dir, self.mode, self.run_id = run_dir, mode, run_id
         self.main = acc.is_main_process
         self.metrics_path = run_dir / "metrics.jsonl"
         self.wandb_dir: Path | None = None
+        self.run = None  # the wandb Run while W&B works (main process)
+        if not self.main:
+            self.mode = "disabled"  # only the main process talks to W&B: no collective involved
+            return
+        warning = None
         if mode != "disabled":
-            import wandb
-
-            def init_kwargs(mode: str) -> dict[str, Any]:
-                return {
-                    "wandb": {
-                        "dir": str(run_dir),
-                        "mode": mode,
-                        "id": run_id,
-                        "resume": "allow",
-                        "name": run_name,
-                        "settings": wandb.Settings(console="off", silent=True),
-                    }
-                }
-
-            # Only the main process starts a W&B run (accelerate's tracker.start is main-only),
-            # so a failure and the fallbacks below happen there alone: no collective is involved.
-            warning = None
             try:
-                acc.init_trackers(project, config=config, init_kwargs=init_kwargs(mode))
+                self.run = _start_wandb(run_dir, mode, project, run_name, run_id, config)
             except Exception as exc:  # any failure to start W&B: training goes on regardless
                 self._drop_wandb()
                 warning = f"W&B {mode} run {run_id} could not start ({_one_line(exc)}); "
                 self.mode = "offline" if mode == "online" else "disabled"
                 if self.mode == "offline":
                     try:
-                        acc.init_trackers(
-                            project, config=config, init_kwargs=init_kwargs("offline")
+                        self.run = _start_wandb(
+                            run_dir, "offline", project, run_name, run_id, config
                         )
                     except Exception as exc2:
                         self._drop_wandb()
                         self.mode = "disabled"
                         warning += f"offline neither ({_one_line(exc2)}); "
-            if self.main and self.mode != "disabled":
-                run = acc.get_tracker("wandb", unwrap=True)
-                self.wandb_dir = Path(run.dir).parent if getattr(run, "dir", None) else None
-                # Charts use OUR step as x axis, not W&B's internal `_step` counter: after a
-                # rollback (or a resume) the same steps are logged again, and W&B drops rows
-                # whose explicit `step=` is below its current one.
-                run.define_metric("step")
-                run.define_metric("*", step_metric="step")
-            if self.main and warning is not None:
-                if self.mode == "offline":
-                    warning += (
-                        f"logging offline instead (upload it later: wandb sync {self.wandb_dir})"
-                    )
-                else:
-                    warning += "training goes on, logging to metrics.jsonl and samples/ only"
-                print(f"warning: {warning}", file=sys.stderr, flush=True)
+        if self.run is not None:
+            self.wandb_dir = Path(self.run.dir).parent if self.run.dir else None
+        if warning is not None:
+            if self.mode == "offline":
+                warning += f"logging offline instead (upload it later: wandb sync {self.wandb_dir})"
+            else:
+                warning += "training goes on, logging to metrics.jsonl and samples/ only"
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
 
     def _drop_wandb(self, service_gone: bool = True) -> None:
-        """Forget a broken W&B run: accelerate keeps the failed tracker (end_training would call
-        finish() on it), and wandb's service holds the run id ("run ID ... is in use") and an
-        exit hook that fails with a traceback when the service died."""
+        """Forget a broken W&B run: wandb's service holds the run id ("run ID ... is in use") and
+        an exit hook that fails with a traceback when the service died."""
         import wandb
 
-        self.acc.trackers = [t for t in self.acc.trackers if getattr(t, "name", None) != "wandb"]
+        self.run = None
+        self.mode = "disabled"
         if service_gone:
             try:
                 wandb.teardown()
@@ -157,14 +143,13 @@ class RunLogger:
                 pass
 
     def _wandb(self, call) -> None:
-        """Run a W&B call (main process); the first failure turns W&B off for the rest of the run
-        with one warning line: logging must not stop training."""
-        if self.mode == "disabled":
+        """Run a W&B call with the run (main process); the first failure turns W&B off for the
+        rest of the run with one warning line: logging must not stop training."""
+        if self.run is None:
             return
         try:
-            call()
+            call(self.run)
         except Exception as exc:
-            self.mode = "disabled"
             # a dead service (ConnectionResetError) is torn down; a live one (e.g. online and
             # uploading) is left alone: tearing it down would wait for the uploads
             self._drop_wandb(service_gone=isinstance(exc, OSError))
@@ -180,7 +165,7 @@ class RunLogger:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        self._wandb(lambda: self.acc.log({**row, "step": step}))
+        self._wandb(lambda run: run.log({**row, "step": step}))
 
     def image(self, key: str, grid: Tensor, step: int, png: Path) -> None:
         """A [3, H, W] uint8 grid to `png` and to W&B under `key`."""
@@ -188,27 +173,37 @@ class RunLogger:
             return
         save_png(grid, png)
 
-        def log_image() -> None:
+        def log_image(run) -> None:
             import wandb
 
             arr = grid.permute(1, 2, 0).contiguous().numpy()
-            self.acc.log({key: wandb.Image(arr, caption=f"step {step}"), "step": step})
+            run.log({key: wandb.Image(arr, caption=f"step {step}"), "step": step})
 
         self._wandb(log_image)
 
     def artifact(self, folder: Path, *, name: str, kind: str, metadata: dict) -> None:
         """Log a folder (e.g. the exported generator) as a W&B artifact (main process)."""
-        if not self.main:
-            return
 
-        def log_artifact() -> None:
+        def log_artifact(run) -> None:
             import wandb
 
             art = wandb.Artifact(name=name, type=kind, metadata=metadata)
             art.add_dir(str(folder))
-            self.acc.get_tracker("wandb", unwrap=True).log_artifact(art)
+            run.log_artifact(art)
 
         self._wandb(log_artifact)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        def set_summary(run) -> None:
+            for k, v in values.items():
+                run.summary[k] = v
+
+        self._wandb(set_summary)
+
+    def finish(self, exit_code: int | None = None) -> None:
+        """Close the W&B run (every process may call it; a no-op without a run)."""
+        self._wandb(lambda run: run.finish(exit_code=exit_code))
+        self.run = None
 
     @contextlib.contextmanager
     def finish_on_error(self) -> Iterator[None]:
@@ -218,30 +213,32 @@ class RunLogger:
         try:
             yield
         except Exception as exc:
-            if self.main and self.mode != "disabled":
-                reason = _one_line(exc)
-
-                def fail() -> None:
-                    run = self.acc.get_tracker("wandb", unwrap=True)
-                    run.summary["error"] = reason
-                    run.finish(exit_code=1)
-
-                self._wandb(fail)
-                if self.mode != "disabled":  # finished: end_training must not finish it again
-                    self._drop_wandb(service_gone=False)
-                    self.mode = "disabled"
+            self.summary({"error": _one_line(exc)})
+            self.finish(exit_code=1)
             raise
 
-    def summary(self, values: dict[str, Any]) -> None:
-        if not self.main:
-            return
 
-        def set_summary() -> None:
-            run = self.acc.get_tracker("wandb", unwrap=True)
-            for k, v in values.items():
-                run.summary[k] = v
+def _start_wandb(run_dir: Path, mode: str, project: str, name: str, run_id: str, config: dict):
+    """A W&B run under `run_id` (resumed if it exists), charted against our step."""
+    import wandb
 
-        self._wandb(set_summary)
+    run = wandb.init(
+        project=project,
+        name=name,
+        id=run_id,
+        resume="allow",
+        dir=str(run_dir),
+        mode=mode,
+        settings=wandb.Settings(console="off", silent=True),
+    )
+    # a resumed run may change values (e.g. --max-steps): allowed, as the config is the new run's
+    run.config.update(config, allow_val_change=True)
+    # Charts use OUR step as x axis, not W&B's internal `_step` counter: after a rollback (or a
+    # resume) the same steps are logged again, and W&B drops rows whose explicit `step=` is
+    # below its current one.
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
 
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:

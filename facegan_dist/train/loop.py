@@ -315,8 +315,9 @@ def finish(run: Run, stop: _StopFlag) -> TrainResult:
         signame = signal.Signals(stop.signum).name if stop.signum else "a signal"
         dist.print0(acc, f"stopped by {signame} at step {run.step}: checkpoint {run.ckpt_path}")
     run.logger.summary({"final_step": run.step, "images_seen": run.images_seen})
+    run.logger.finish()  # closes W&B (main process)
     acc.wait_for_everyone()
-    acc.end_training()  # finishes W&B on the main process, then destroys the process group
+    acc.end_training()  # destroys the process group
     return TrainResult(
         run_dir=run.run_dir,
         step=run.step,

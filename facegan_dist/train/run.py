@@ -127,7 +127,7 @@ def build_run(
 
     from facegan_dist.models import count_params
     from facegan_dist.paths import out_dir
-    from facegan_dist.tracking import new_run_id, resolve_wandb_mode
+    from facegan_dist.tracking import new_run_id
 
     cfg = cfg.validate()
     if run_folder:
@@ -145,10 +145,8 @@ def build_run(
     if cfg.eval_every and cfg.eval_features == "inception":
         check_inception_weights(cfg)  # a missing file fails before any work
 
-    wandb_mode = resolve_wandb_mode(cfg.wandb_mode) if run_folder else "disabled"
     acc = dist.build_accelerator(
         cfg.precision,
-        log_with="wandb" if wandb_mode != "disabled" else None,
         project_dir=cfg.run_dir if run_folder else None,
         autocast_cache=not cfg.cuda_graphs,
     )
