@@ -330,6 +330,18 @@ def _split_key(name: str) -> tuple[str | None, str]:
     return name[:dot], name[dot + 1 :].lower()
 
 
+def _sample_members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """(key, extension, member) of a tar's sample files in order: regular files only, without
+    WebDataset's `__*__` metadata members. The one grouping rule of the local and URL readers."""
+    for info in tar:
+        if not info.isreg():
+            continue
+        name_key, ext = _split_key(info.name)
+        if name_key is None or name_key.startswith("__"):
+            continue  # WebDataset metadata members
+        yield name_key, ext, info
+
+
 @dataclass(frozen=True)
 class _Index:
     """Where each sample's members lie in a shard tar (byte offsets of their data)."""
@@ -356,12 +368,7 @@ def _shard_index(path: Path, size: int, mtime_ns: int) -> _Index:
     key = None
     row: list[int] = []
     with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        for info in tar:
-            if not info.isreg():
-                continue
-            name_key, ext = _split_key(info.name)
-            if name_key is None or name_key.startswith("__"):
-                continue  # WebDataset metadata members
+        for name_key, ext, info in _sample_members(tar):
             if name_key != key:
                 key, row = name_key, [-1, -1, -1, -1, info.offset_data, 0]
                 keys.append(key)
@@ -457,12 +464,7 @@ def _stream_tar(shard: _Shard, start: int, stop: int) -> Iterator[_Raw]:
         try:
             tar = tarfile.open(fileobj=reader, mode="r|", bufsize=1 << 20)
             index, key, image, attrs = -1, None, None, None
-            for info in tar:
-                if not info.isreg():
-                    continue
-                name_key, ext = _split_key(info.name)
-                if name_key is None or name_key.startswith("__"):
-                    continue  # WebDataset metadata members
+            for name_key, ext, info in _sample_members(tar):
                 if name_key != key:
                     if key is not None and index >= start:
                         yield _Raw(key, image, attrs, shard.path)
@@ -533,10 +535,10 @@ class DataSource(Protocol):
     `batch_per_device` images on EVERY rank (the same count on each, so no rank runs out first
     and hangs a collective), i.e. `images_per_epoch` images over all ranks. Progress is counted
     in rank-batches drawn (`batches_seen`, saved in checkpoints), and the epoch of a run is
-    batches_seen / batches_per_epoch. How a source fills its equal epochs from N samples is its
-    own plan, stated in its docstring: the stream wraps around (every sample at least once,
-    fewer than slots x B duplicates), the cache leaves out the last samples of the split that do
-    not fill a batch on each rank (every kept sample exactly once).
+    batches_seen / batches_per_epoch. Both sources fill their equal epochs from N samples the
+    same way: they wrap around, so an epoch holds every sample at least once, with fewer than
+    one batch of duplicates per reading slot (slots = ranks x loader workers for the stream,
+    ranks for the cache); see their docstrings.
 
     Exact resume: `batches(start_batch)` is exactly the tail, from rank-batch `start_batch`, of
     `batches(0)`, given an equal `layout()` (what the order depends on, stored in checkpoints).
