@@ -42,6 +42,7 @@ Spectral normalisation is applied by the registry (`models/__init__.py`) on top 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 # The option values are declared with the options (config.py); `build_models` checks them, so
@@ -65,6 +66,45 @@ def n_doublings(resolution: int) -> int:
     return resolution.bit_length() - 3  # log2(S) - 2 for a power of two
 
 
+class NearestUpConv3x3(nn.Conv2d):
+    """`Conv2d(3x3, padding 1)` applied to the x2 nearest-neighbour upsampled input, computed
+    without building the upsampled tensor: [B, c_in, H, W] -> [B, c_out, 2H, 2W].
+
+    Output pixel (2i + a, 2j + b) sees input rows i-1, i (a = 0) or i, i+1 (a = 1), and the same
+    for columns, so each of the 4 phases (a, b) is a 3x3 conv of the input with the weight's rows
+    and columns summed in pairs; the 4 phases are one conv with 4 c_out channels and a pixel
+    shuffle. Same function and the same `weight` (state_dict keys are those of Upsample +
+    Conv2d); on CPU it takes about a tenth of the time of the two layers (nearest upsampling's
+    backward and a conv at 4x the pixels dominate there).
+    """
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(c_in, c_out, 3, 1, 1, bias=False)
+
+    @staticmethod
+    def _phases(w: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+        """Along `dim` (a 3-tap axis of w): the kernels of phase 0 (taps at offsets -1, 0) and
+        phase 1 (offsets 0, +1), as 3-tap kernels with a zero tap."""
+        w0, w1, w2 = w.unbind(dim)
+        zero = torch.zeros_like(w0)
+        return torch.stack([w0, w1 + w2, zero], dim), torch.stack([zero, w0 + w1, w2], dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = self._phases(self.weight, 2)  # 2 x [c_out, c_in, 3, 3]
+        phases = [k for r in rows for k in self._phases(r, 3)]  # order (a, b) = 00, 01, 10, 11
+        w = torch.stack(phases, 1).flatten(0, 1)  # [c_out * 4, c_in, 3, 3], pixel-shuffle order
+        return F.pixel_shuffle(F.conv2d(x, w, padding=1), 2)  # [B, c_out, 2H, 2W]
+
+
+def _resize_conv(c_in: int, c_out: int, mode: str) -> list[nn.Module]:
+    """Resize x2 + 3x3 conv. Two modules so that state_dict keys stay those of
+    [Upsample, Conv2d]; for `nearest` the first is a placeholder and the conv does both."""
+    if mode == "nearest":
+        return [nn.Identity(), NearestUpConv3x3(c_in, c_out)]  # [B, c_out, 2H, 2W]
+    return [nn.Upsample(scale_factor=2, mode=mode),  # [B, c_in, 2H, 2W]
+            nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False)]  # fmt: skip
+
+
 def _up_block(c_in: int, c_out: int, *, first: bool, upsample: str = "convtranspose"):
     """[upsample] + BN + ReLU: 1x1 -> 4x4 when `first` (always a 4x4 transposed conv), else
     doubles H and W with a strided transposed conv or resize + 3x3 conv."""
@@ -72,10 +112,7 @@ def _up_block(c_in: int, c_out: int, *, first: bool, upsample: str = "convtransp
         kernel, stride, pad = (4, 1, 0) if first else (4, 2, 1)
         layers: list[nn.Module] = [nn.ConvTranspose2d(c_in, c_out, kernel, stride, pad, bias=False)]
     else:
-        layers = [
-            nn.Upsample(scale_factor=2, mode=upsample),  # [B, c_in, 2H, 2W]
-            nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False),  # [B, c_out, 2H, 2W]
-        ]
+        layers = _resize_conv(c_in, c_out, upsample)  # [B, c_out, 2H, 2W]
     return [*layers, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
@@ -115,8 +152,7 @@ class DCGANGenerator(nn.Module):
             ]
         else:
             mode = "nearest" if upsample == "nearest-last" else upsample
-            last = [nn.Upsample(scale_factor=2, mode=mode),
-                    nn.Conv2d(widths[-1], IMG_CHANNELS, 3, 1, 1, bias=False)]  # fmt: skip
+            last = _resize_conv(widths[-1], IMG_CHANNELS, mode)
         layers += [*last, nn.Tanh()]  # [B, 3, S, S]
         self.main = nn.Sequential(*layers)
         dcgan_init_(self)

@@ -270,7 +270,7 @@ def test_paper_and_tutorial_presets_are_unchanged_and_quality_is_the_default():
     assert PRESETS["paper-dcgan"] == {**PRESETS["paper-final"], "epochs": 50}
     assert DEFAULT_PRESET == "quality"
     cfg = merge_train_config(None, None, {"data": "x"})
-    assert cfg.preset == "quality" and cfg.upsample == "nearest"
+    assert cfg.preset == "quality" and cfg.upsample == "nearest-last"
     assert cfg.betas_g == (0.0, 0.99) and cfg.ema_kimg == 2.0
     tut = merge_train_config("tutorial", None, {"data": "x"})
     assert tut.upsample == "convtranspose" and tut.betas_g == (0.5, 0.999) and tut.ema_kimg == 10
@@ -309,3 +309,37 @@ def test_build_models_is_the_models_one_check(kwargs, flag):
     meta read from a file) refuses an unknown one, naming the flag."""
     with pytest.raises(ConfigError, match=f"^{re.escape(flag)}"):
         build_models("dcgan", resolution=16, g_width=8, d_width=8, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 6, 9), (1, 3, 1, 1)])
+def test_nearest_upconv_is_upsample_then_conv(shape):
+    """The fused layer computes Upsample(x2, nearest) + Conv2d(3x3, pad 1) exactly, gradients
+    included (a wrong phase or tap order fails at every pixel)."""
+    from torch.nn import functional as F
+
+    from facegan_dist.models.dcgan import NearestUpConv3x3
+
+    torch.manual_seed(0)
+    layer = NearestUpConv3x3(shape[1], 7)
+    x = torch.randn(shape, requires_grad=True)
+    ref = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), layer.weight, padding=1)
+    out = layer(x)
+    assert out.shape == ref.shape == (shape[0], 7, 2 * shape[2], 2 * shape[3])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g_out = torch.autograd.grad(out.square().sum(), (x, layer.weight))
+    g_ref = torch.autograd.grad(ref.square().sum(), (x, layer.weight))
+    for a, b in zip(g_out, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_nearest_generators_keep_the_upsample_conv_state_dict_keys():
+    """Exports written before the fused layer (Upsample at index k, Conv2d at k + 1) still load."""
+    from facegan_dist.models.dcgan import DCGANGenerator
+
+    for up in ("nearest", "nearest-last"):
+        G = DCGANGenerator(resolution=32, width=8, upsample=up)
+        bil = DCGANGenerator(resolution=32, width=8, upsample="bilinear" if up == "nearest" else up)
+        assert list(G.state_dict()) == list(bil.state_dict())
+    G = DCGANGenerator(resolution=32, width=8, upsample="nearest")
+    assert [k for k in G.state_dict() if k.endswith("weight")][:3] == [
+        "main.0.weight", "main.1.weight", "main.4.weight"]  # fmt: skip
