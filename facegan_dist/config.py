@@ -342,11 +342,11 @@ class TrainConfig:
     eval_n: int = option(2000, "Images per evaluation.", panel=LOG)  # generated and real each
     eval_features: str = option(
         "attributes", "{choices}: attributes = the shards' label classifier (offline); "
-        "inception = the standard TF-FID network (needs its weights file, see "
-        "--inception-weights).", panel=LOG, choices=EVAL_FEATURES)  # fmt: skip
+        "inception = the standard TF-FID network (needs its weights file: see "
+        "--inception-weights below).", panel=LOG, choices=EVAL_FEATURES)  # fmt: skip
     inception_weights: Path | None = option(
-        None, "--eval-features inception: the torch-fidelity weights file "
-        "(weights-inception-2015-12-05-6726825d.pth).", panel=LOG,
+        None, "--eval-features inception: the torch-fidelity TF-FID weights file "
+        "(docs/SAMPLING.md names it and where to get it).", panel=LOG,
         none="torch hub's cache")  # fmt: skip
     # faults
     on_nonfinite: str = option(
@@ -357,8 +357,8 @@ class TrainConfig:
         0.5, "lr multiplier per rollback.", panel=LOG
     )
     skip_bad_samples: bool = option(
-        False, "Replace undecodable images (counted, logged) instead of stopping.", panel=LOG
-    )
+        False, "Replace undecodable images (counted, logged) instead of stopping.", panel=LOG,
+        flag="--skip-bad-samples")  # fmt: skip
     # logging, samples, checkpoints
     log_every: int = option(50, "Steps between metric rows.", panel=LOG)  # metrics.jsonl / W&B
     sample_every: int = option(500, "Steps between fixed-noise grids.", panel=LOG)
@@ -375,7 +375,7 @@ class TrainConfig:
     # OUT.old-<date>-<time> first (nothing is deleted). Never inherited by a resume.
     restart: bool = option(
         False, "Start over in an --out that holds a run: its files are first MOVED to "
-        "OUT.old-<date>-<time> beside it (nothing is deleted). Not with --resume.", panel=LOG,
+        "a new folder OUT.old-DATE-TIME beside it (nothing is deleted). Not with --resume.", panel=LOG,
         flag="--restart")  # fmt: skip
     wandb_mode: str | None = option(
         None, "{choices}.", panel=LOG, choices=WANDB_MODES, none="offline without an API key"

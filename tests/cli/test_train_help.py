@@ -145,10 +145,16 @@ def test_options_a_preset_sets_say_each_presets_default(options, name):
 
 
 def test_restart_and_resume_are_documented(options):
-    assert "OUT.old-<date>-<time>" in options["--restart"]
+    assert "OUT.old-DATE-TIME" in options["--restart"]
     assert "nothing is deleted" in options["--restart"]
     assert "--resume auto" in options["--out"] and "--restart" in options["--out"]
     assert "damaged" in options["--resume"]
+
+
+def test_nothing_is_cut_at_80_columns():
+    """rich cuts a word longer than its column with "…": the help must read whole at 80."""
+    text = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "80"}).output
+    assert "--eval-every" in text and "…" not in text, [ln for ln in text.splitlines() if "…" in ln]
 
 
 README = Path(__file__).resolve().parents[2] / "README.md"
