@@ -400,6 +400,9 @@ class _ShardFile:
             "skipped": self.skipped,
         }
         _write_json_atomic(self.out / STATE_DIR / (self.plan.name + ".json"), record)
+        # Test hook: a pause after each finished shard, so a test's Ctrl-C lands mid-run.
+        if delay_s := float(os.environ.get("FACEGAN_TEST_SHARD_DELAY_S", "0")):
+            time.sleep(delay_s)
         return record
 
     def abort(self) -> None:

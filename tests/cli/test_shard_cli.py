@@ -234,8 +234,11 @@ def test_ctrl_c_is_one_line_and_the_folder_resumes(synth_kaggle_zip, tmp_path, w
     args = [sys.executable, "-m", "facegan_dist", "shard", str(synth_kaggle_zip), "--out", str(out),
             "--size", "256", "--crop", "none", "--format", "png", "--shard-size", "2",
             "--workers", workers, "--no-progress"]  # fmt: skip
+    # each finished shard pauses 0.2 s, so the signal cannot arrive after the last one (60
+    # images shard in well under a second on an idle machine)
+    env = {**os.environ, "FACEGAN_TEST_SHARD_DELAY_S": "0.2"}
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # fmt: skip
+                            text=True, start_new_session=True, env=env)  # fmt: skip
     try:
         deadline = time.monotonic() + 60
         while not list((out / ".state").glob("*.tar.json")) and time.monotonic() < deadline:
