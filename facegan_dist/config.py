@@ -375,8 +375,8 @@ class TrainConfig:
     # OUT.old-<date>-<time> first (nothing is deleted). Never inherited by a resume.
     restart: bool = option(
         False, "Start over in an --out that holds a run: its files are first MOVED to "
-        "a new folder OUT.old-DATE-TIME beside it (nothing is deleted). Not with --resume.", panel=LOG,
-        flag="--restart")  # fmt: skip
+        "a new folder OUT.old-DATE-TIME beside it (nothing is deleted). Not with --resume.",
+        panel=LOG, flag="--restart")  # fmt: skip
     wandb_mode: str | None = option(
         None, "{choices}.", panel=LOG, choices=WANDB_MODES, none="offline without an API key"
     )
