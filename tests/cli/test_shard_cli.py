@@ -238,7 +238,11 @@ def test_ctrl_c_is_one_line_and_the_folder_resumes(synth_kaggle_zip, tmp_path, w
     # images shard in well under a second on an idle machine)
     env = {**os.environ, "FACEGAN_TEST_SHARD_DELAY_S": "0.2"}
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, env=env)  # fmt: skip
+                            text=True, start_new_session=True, env=env,
+                            # a test run started in the background inherits SIGINT ignored, and
+                            # Python then never raises KeyboardInterrupt: restore the default
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                            )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
         while not list((out / ".state").glob("*.tar.json")) and time.monotonic() < deadline:
