@@ -17,11 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# The policy names and `--augment` parsing live with the option (config.py, torch-free).
-from facegan_dist.config import AUGMENT_CHOICES as POLICIES
-from facegan_dist.config import parse_policy
-
-__all__ = ["POLICIES", "apply", "params", "parse_policy", "slice_params"]
+# The policy names (config.AUGMENT_CHOICES) and `--augment` parsing (config.parse_policy) live
+# with the option in config.py (torch-free); this module takes the parsed tuple.
+__all__ = ["apply", "params", "slice_params"]
 
 TRANSLATION_RATIO = 0.125
 CUTOUT_RATIO = 0.5

@@ -90,7 +90,7 @@ def gan_step_for(
     cuda_graphs: bool = False,
 ) -> GANStep:  # fmt: skip
     """The GANStep the config describes, over exactly these modules (no compile)."""
-    from facegan_dist.train.augment import parse_policy
+    from facegan_dist.config import parse_policy
 
     return GANStep(
         acc, G, D, opt_g, opt_d, loss=cfg.loss, d_every=cfg.d_every,

@@ -22,7 +22,6 @@ def implementation_choices() -> dict[str, tuple[str, ...]]:
     """Flag -> the tuple of the module that implements it (what validation accepts)."""
     from facegan_dist import losses, metrics, models
     from facegan_dist.models import dcgan, mlp
-    from facegan_dist.train import augment
 
     return {
         "--split": config.SPLITS,
@@ -33,7 +32,7 @@ def implementation_choices() -> dict[str, tuple[str, ...]]:
         "--d-norm": (*dcgan.D_NORMS, "auto"),
         "--spectral-norm": models.SPECTRAL_NORMS,
         "--loss": tuple(losses.LOSSES),
-        "--augment": augment.POLICIES,
+        "--augment": config.AUGMENT_CHOICES,  # augment.py takes config.parse_policy's tuple
         "--precision": config.PRECISIONS,
         "--data-cache": config.DATA_CACHES,
         "--eval-features": metrics.FEATURES,

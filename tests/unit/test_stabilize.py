@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from facegan_dist.config import parse_policy
 from facegan_dist.models import build_models
 from facegan_dist.train import augment
 from facegan_dist.train.steps import gradient_penalty, r1_penalty
@@ -97,7 +98,7 @@ def test_spectral_norm_keeps_top_singular_value_near_one_after_training():
 
 
 def test_diffaugment_is_reproducible_and_applied_alike():
-    policy = augment.parse_policy("color,translation,cutout")
+    policy = parse_policy("color,translation,cutout")
     x = torch.rand(6, 3, 16, 16) * 2 - 1
 
     def draw(seed):
