@@ -51,10 +51,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from facegan_dist.config import EVAL_FEATURES as FEATURES  # declared with --eval-features
 from facegan_dist.data.stream import Manifest
 from facegan_dist.errors import CheckpointError, ConfigError, DataError
 
-FEATURES = ("inception", "attributes")
 # torch-fidelity's URL_INCEPTION_V3 (torch_fidelity/feature_extractor_inceptionv3.py); torch hub
 # names a downloaded file after the URL's last part, whose suffix is the sha256 prefix.
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
