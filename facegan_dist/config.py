@@ -232,6 +232,10 @@ class TrainConfig:
     data_timeout: float = option(  # seconds without a byte: a stalled server
         30.0, "Read timeout (s) of a transfer from a URL --data.", panel=DATA
     )
+    cache_dir: Path | None = option(  # data/remote.py Remote.cached; one copy per machine
+        None, "URL --data: download each shard once into this folder (per machine, checked "
+        "against the manifest's sha256) and read it from there.", panel=DATA,
+        none="none (stream every read)")  # fmt: skip
     out: Path | None = option(
         None, "Run folder. A fresh run refuses one that holds a run: continue it with --resume "
         "auto, or see --restart.", panel=DATA, shown="runs/<preset>")  # fmt: skip
@@ -470,6 +474,10 @@ class TrainConfig:
             raise bad("--data-retries", f"{self.data_retries} must be at least 0")
         if not self.data_timeout > 0:
             raise bad("--data-timeout", f"{self.data_timeout:g} must be above 0 seconds")
+        if self.cache_dir is not None and not isinstance(self.data, str):
+            raise bad(
+                "--cache-dir", f"caches the shards of a URL --data; --data {self.data} is a "
+                "local folder (read in place): drop --cache-dir")  # fmt: skip
         if self.restart and self.resume is not None:
             raise bad("--restart", f"starts the run over: it cannot go with --resume {self.resume}")
         return self

@@ -25,10 +25,22 @@ Each failure is retried `retries` times with exponential backoff (`backoff_s` * 
 becomes one DataError line naming the URL and the cause. (curl retries 408/429/5xx and its own
 timeouts inside one attempt: gopen passes `--retry 30`.) A retried shard read resumes at the sample
 it stopped at, so retries never change what the reader yields.
+
+The shard cache (`--cache-dir DIR`, `Remote.cached`). Each shard is downloaded once per machine
+into DIR/<sha256[:16]>-<name> (keyed by content, so the same shards under another URL reuse it and
+two datasets never collide), then read by the local reader (random access, an index of its tar
+headers). A download goes to a temporary name (O_EXCL, unique per process), is hashed while it is
+written, and is renamed into place only when its sha256 is the manifest's; a mismatch is retried
+like a cut transfer and then refused ("sha256 mismatch"), and the bad bytes are deleted. Ranks and
+loader workers of one machine share DIR: a lock file per shard (DIR/.locks/, fcntl.flock) makes
+one of them download while the others wait and then reuse its file. A cached file is hashed once
+per process before its first use; one that no longer matches is deleted and downloaded again.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import re
 import select
@@ -36,6 +48,8 @@ import shlex
 import subprocess
 import time
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +67,8 @@ _CURL_EXIT = {  # curl's exit statuses (man curl, EXIT CODES) as a cause for the
     56: "the connection was reset while receiving data",
 }
 _READ = 1 << 20  # bytes per read from a transfer
+_LOCKS = ".locks"  # per-shard lock files inside a --cache-dir
+_hashed: dict[str, tuple[int, int]] = {}  # cached file -> (size, mtime_ns) hashed by this process
 
 
 def is_url(spec: object) -> bool:
@@ -78,6 +94,7 @@ class Remote:
     retries: int = 3
     timeout_s: float = 30.0
     backoff_s: float = 0.5
+    cache_dir: Path | None = None  # --cache-dir: shards are downloaded here once (`cached`)
 
     def __post_init__(self) -> None:
         if not is_url(self.spec):
@@ -161,6 +178,101 @@ class Remote:
         finally:
             tmp.unlink(missing_ok=True)
         raise DataError(self.failed(name, err))
+
+    def cached(self, name: str, sha256: str | None) -> Path:
+        """The shard `name` as a verified local file in `cache_dir` (module docstring): reused
+        when its sha256 is `sha256`, else downloaded (retried) and checked; DataError naming the
+        URL and the cause after the last attempt (a mismatch: "sha256 mismatch")."""
+        from facegan_dist.errors import DataError
+
+        if not sha256:
+            raise DataError(
+                f"{self.where('manifest.json')} gives no sha256 for {name}: --cache-dir checks "
+                "each shard against it (write the shards with `facegan shard`)"
+            )
+        dest = Path(self.cache_dir) / f"{sha256[:16]}-{name}"
+        if self._known_good(dest):
+            return dest
+        try:
+            (dest.parent / _LOCKS).mkdir(parents=True, exist_ok=True)
+            with _locked(dest.parent / _LOCKS / f"{dest.name}.lock"):
+                if dest.is_file():
+                    if _sha256_file(dest) == sha256:
+                        return self._mark_good(dest)
+                    dest.unlink()  # damaged in the cache: never used, downloaded again
+                err = TransferError("not tried")
+                for _ in self.attempts():
+                    try:
+                        self._download_checked(name, dest, sha256)
+                        return self._mark_good(dest)
+                    except TransferError as e:
+                        err = e
+        except OSError as e:
+            where = f"--cache-dir {self.cache_dir}"
+            raise DataError(f"{where}: cannot write {dest.name} ({e})") from None
+        raise DataError(self.failed(name, err))
+
+    def _download_checked(self, name: str, dest: Path, sha256: str) -> None:
+        """One attempt: `name` into a unique temporary file beside `dest`, hashed as it is
+        written, renamed to `dest` only if the hash is `sha256` (else deleted: TransferError)."""
+        fd = -1
+        for k in range(100):  # O_EXCL: this process's own temporary name
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{k}.part")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                break
+            except FileExistsError:
+                continue
+        if fd < 0:
+            raise OSError(f"no free temporary name beside {dest}")
+        try:
+            h = hashlib.sha256()
+            with self.open(name) as f, os.fdopen(fd, "wb") as out:
+                while block := f.read(_READ):
+                    h.update(block)
+                    out.write(block)
+            got = h.hexdigest()
+            if got != sha256:
+                raise TransferError(
+                    f"sha256 mismatch (downloaded {got[:12]}..., manifest {sha256[:12]}...)"
+                )
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _known_good(path: Path) -> bool:
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        return _hashed.get(str(path)) == (st.st_size, st.st_mtime_ns)
+
+    @staticmethod
+    def _mark_good(path: Path) -> Path:
+        st = path.stat()
+        _hashed[str(path)] = (st.st_size, st.st_mtime_ns)
+        return path
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_READ):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` (created if absent) for the block: one process of the
+    machine at a time. The lock files stay (removing one would race with its next holder)."""
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 class RemoteReader:

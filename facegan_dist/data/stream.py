@@ -293,7 +293,9 @@ class Manifest:
                     if not path.is_file():
                         raise DataError(f"{path} is listed in manifest.json but missing")
                 if entry["count"] > 0:
-                    shards.append(_Shard(entry["name"], path, entry["count"], remote))
+                    shards.append(
+                        _Shard(entry["name"], path, entry["count"], remote, entry.get("sha256"))
+                    )
         return shards
 
 
@@ -303,6 +305,7 @@ class _Shard:
     path: Path | str  # the local file, or its URL (as messages name it)
     count: int  # samples, from the manifest
     remote: Remote | None = None  # where a URL shard is fetched from
+    sha256: str | None = None  # from the manifest (what the --cache-dir copy is checked against)
 
 
 @dataclass(frozen=True)
@@ -388,11 +391,14 @@ def _read_samples(shard: _Shard, start: int, stop: int) -> Iterator[_Raw]:
 
     The shard's index (tar headers, parsed once per process) gives each sample's byte span; the
     samples of a run are contiguous, so they are read in a few large reads and sliced. A URL
-    shard is streamed instead (`_read_remote_samples`), yielding the same samples.
+    shard is streamed instead (`_read_remote_samples`), yielding the same samples, or, with a
+    cache (`Remote.cache_dir`), read here from its verified local copy.
     """
     if shard.remote is not None:
-        yield from _read_remote_samples(shard, start, stop)
-        return
+        if shard.remote.cache_dir is None:
+            yield from _read_remote_samples(shard, start, stop)
+            return
+        shard = _Shard(shard.name, shard.remote.cached(shard.name, shard.sha256), shard.count)
     try:
         st = shard.path.stat()
         index = _shard_index(shard.path, st.st_size, st.st_mtime_ns)

@@ -13,6 +13,7 @@ from facegan_dist.config import TrainConfig, merge_train_config, train_config_fr
 from facegan_dist.data.remote import Remote
 from facegan_dist.data.stream import Manifest
 from facegan_dist.errors import CheckpointError, ConfigError, DataError
+from facegan_dist.paths import out_dir
 from facegan_dist.train import checkpoint
 
 
@@ -156,7 +157,9 @@ def read_data_manifest(cfg: TrainConfig) -> Manifest:
     missing or empty folder. A URL --data is fetched with the --data-retries/--data-timeout
     policy, which its shard reads keep (data/remote.py)."""
     if isinstance(cfg.data, str):
-        remote = Remote(cfg.data, retries=cfg.data_retries, timeout_s=cfg.data_timeout)
+        cache = out_dir(cfg.cache_dir, "--cache-dir") if cfg.cache_dir is not None else None
+        remote = Remote(cfg.data, retries=cfg.data_retries, timeout_s=cfg.data_timeout,
+                        cache_dir=cache)  # fmt: skip
         return Manifest.read(remote)
     if not cfg.data.exists():
         raise DataError(f"--data {cfg.data}: no such folder (write shards with `facegan shard`)")

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from facegan_dist.cli import app
 from facegan_dist.data.remote import Remote
-from facegan_dist.data.stream import Manifest, ManifestError, ShardStream
+from facegan_dist.data.stream import Manifest, ManifestError, ShardStream, make_loader
 from facegan_dist.errors import DataError
 from tests.helpers.http_shards import FaultServer, refused_url
 from tests.helpers.shards import write_tiny_shards
@@ -169,3 +169,99 @@ def test_verify_over_http_catches_a_flipped_byte(tmp_path, shards):
         assert gone.exit_code == 1 and "BAD train-000002.tar: cannot be fetched: " in gone.stdout
     finally:
         srv.stop()
+
+
+# ---- the shard cache (--cache-dir): once per machine, checked against the manifest's sha256
+
+
+def cache_files(cache: Path) -> list[str]:
+    """What a --cache-dir holds besides its lock files (.locks/)."""
+    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*")
+                  if p.is_file() and p.parent.name != ".locks")  # fmt: skip
+
+
+def cached(url: str, cache: Path, **kw) -> Remote:
+    from facegan_dist.data import remote
+
+    remote._hashed.clear()  # as a new process: every cached file is hashed before its first use
+    return Remote(url, cache_dir=cache, **FAST, **kw)
+
+
+def test_cache_downloads_each_shard_once_then_no_requests(shards, server, tmp_path):
+    cache = tmp_path / "cache"
+    local = batches(shards, 30, num_workers=2)
+    # real loader workers (2 processes) race for the same shards: each is downloaded once
+    stream = ShardStream(cached(server.url, cache), batch_per_device=4, seed=3, shuffle_buffer=8,
+                         num_workers=2)  # fmt: skip
+    assert_same(list(itertools.islice(iter(make_loader(stream)), 30)), local)
+    tars = [r for r in server.requests if r.endswith(".tar")]
+    assert sorted(tars) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"], tars
+    m = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["shards"]
+    assert cache_files(cache) == sorted(f"{s['sha256'][:16]}-{s['name']}" for s in m)
+    server.requests.clear()
+    assert_same(batches(cached(server.url, cache), 30, num_workers=2), local)
+    assert server.requests == ["manifest.json"]  # the second run asks for no shard
+
+
+def test_cache_retries_a_corrupted_download(shards, server, tmp_path):
+    server.faults, server.fault_times = {SHARD: "corrupt"}, {SHARD: 1}
+    assert_same(batches(cached(server.url, tmp_path / "c"), 24), batches(shards, 24))
+    assert server.requests.count(SHARD) == 2  # the corrupted download, then a good one
+
+
+def test_cache_refuses_a_shard_corrupted_every_time(server, tmp_path):
+    server.faults = {SHARD: "corrupt"}
+    cache = tmp_path / "c"
+    with pytest.raises(DataError) as err:
+        batches(cached(server.url, cache, retries=2), 24)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{server.url}{SHARD}: sha256 mismatch"), msg
+    assert msg.endswith(", 3 attempts"), msg
+    assert server.requests.count(SHARD) == 3
+    assert not any(SHARD in f for f in cache_files(cache)), cache_files(cache)  # nothing kept
+
+
+def test_cache_replaces_a_damaged_cached_file(shards, server, tmp_path):
+    cache = tmp_path / "c"
+    batches(cached(server.url, cache), 24)
+    (bad,) = [p for p in cache.iterdir() if p.name.endswith(SHARD)]
+    data = bytearray(bad.read_bytes())
+    data[3000] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    server.requests.clear()
+    assert_same(batches(cached(server.url, cache), 24), batches(shards, 24))
+    assert server.requests == ["manifest.json", SHARD]  # only the damaged one again
+
+
+@pytest.mark.parametrize("kind", ["pipe", "file"])
+def test_cache_with_pipe_and_file_urls(shards, tmp_path, kind):
+    url = f"pipe:cat {shards}/{{name}}" if kind == "pipe" else f"file://{shards}/"
+    cache = tmp_path / "c"
+    assert_same(batches(cached(url, cache), 14), batches(shards, 14))
+    assert len([f for f in cache_files(cache) if f.endswith(".tar")]) == 3
+
+
+def test_train_cache_corrupted_is_one_line_exit_1(server, tmp_path):
+    server.faults = {SHARD: "corrupt"}
+    cache = tmp_path / "c"
+    res = CliRunner().invoke(app, ["train", "--data", server.url, "--cache-dir", str(cache),
+                                   "--out", str(tmp_path / "r"), "--data-retries", "1",
+                                   "--wandb-mode", "disabled", "--num-workers", "0",
+                                   "--batch", "8", "--max-steps", "40", "--preset", "demo",
+                                   "--g-width", "8", "--d-width", "8"])  # fmt: skip
+    assert res.exit_code == 1, res.output
+    errors = [x for x in res.stderr.splitlines() if "error" in x.lower() or "Traceback" in x]
+    assert errors == [res.stderr.strip().splitlines()[-1]], res.stderr  # one line, the last
+    assert errors[0].startswith(f"error: {server.url}{SHARD}: sha256 mismatch"), errors
+    assert errors[0].endswith(", 2 attempts"), errors
+    assert not any(SHARD in f for f in cache_files(cache)), cache_files(cache)
+
+
+def test_cache_dir_with_a_local_folder_is_refused(shards, tmp_path):
+    res = CliRunner().invoke(app, ["train", "--data", str(shards), "--cache-dir",
+                                   str(tmp_path / "c"), "--dry-run"])  # fmt: skip
+    assert res.exit_code == 1
+    assert res.stderr.strip() == (
+        f"error: --cache-dir caches the shards of a URL --data; --data {shards} is a local "
+        "folder (read in place): drop --cache-dir"
+    )

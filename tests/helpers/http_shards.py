@@ -13,7 +13,8 @@ from pathlib import Path
 @dataclass
 class FaultServer:
     """`url` serves `root`; `faults[name]` is one of "404", "cut" (half the body, then the
-    connection closes), "stall" (headers and a little data, then silence for `stall_s`), applied
+    connection closes), "stall" (headers and a little data, then silence for `stall_s`),
+    "corrupt" (the whole body with one byte flipped: a download that fails its sha256), applied
     to the first `fault_times[name]` requests of that file (default: all of them). `requests`
     logs every requested path, in order."""
 
@@ -49,6 +50,10 @@ class FaultServer:
                     self.send_error(404)
                     return
                 data = path.read_bytes()
+                if fault == "corrupt":
+                    data = bytearray(data)
+                    data[len(data) // 2] ^= 0xFF
+                    data = bytes(data)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(len(data)))
