@@ -122,6 +122,96 @@ def bench_data(
     }
 
 
+def bench_data_url(
+    data: str,
+    local: Path | None = None,
+    cache_dir: Path | None = None,
+    read_seconds: float = 5.0,
+    rounds: int = 3,
+    split: str = "all",
+    retries: int = 3,
+    timeout_s: float = 30.0,
+) -> dict[str, Any]:
+    """The training reader (one loader process, batches of 256) on a URL --data: streamed, and
+    beside it the `local` folder (the same shards on disk) and/or the warm `cache_dir`.
+
+    Each source is read as a fresh process would (no remembered shard layouts): one whole epoch
+    is timed first (tar headers parsed, cache files hashed), then `read_seconds` of the epochs
+    after it, which is what a training run spends its time in. The cache is filled first (all
+    shards downloaded and checked, not timed as reading) so that its numbers are the warm ones.
+    The sources take turns for `rounds` rounds, so that a noisy shared machine hurts them alike;
+    each number is the median over the rounds.
+    """
+    from facegan_dist.config import SPLITS
+    from facegan_dist.data.remote import Remote, is_url
+    from facegan_dist.data.stream import Manifest, bench_read
+    from facegan_dist.errors import ConfigError, DataError
+    from facegan_dist.paths import out_dir
+
+    if not is_url(data):
+        raise ConfigError(f"--data {data}: give a URL (the local folder goes in --local)")
+    if rounds < 1:
+        raise ConfigError(f"--rounds {rounds} must be at least 1")
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split!r} must be one of {', '.join(SPLITS)}")
+    if local is not None and not (Path(local) / "manifest.json").is_file():
+        raise DataError(f"--local {local}: no manifest.json there (the shard folder on disk)")
+    if cache_dir is not None:
+        cache_dir = out_dir(Path(cache_dir), "--cache-dir")
+    remote = Remote(data, retries=retries, timeout_s=timeout_s)
+    manifest = Manifest.read(remote)
+
+    sources: dict[str, Any] = {"streamed": remote}
+    if local is not None:
+        sources["local"] = Path(local)
+    if cache_dir is not None:
+        cached = Remote(data, retries=retries, timeout_s=timeout_s, cache_dir=cache_dir)
+        t0 = time.perf_counter()
+        for shard in Manifest(cached, manifest.raw).shards(split):
+            cached.cached(shard.name, shard.sha256)  # downloaded once (or already there)
+        fill_s = time.perf_counter() - t0
+        sources["cache"] = cached
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sources}
+    for _ in range(rounds):
+        for name, src in sources.items():
+            runs[name].append(
+                bench_read(src, batch=256, seconds=read_seconds, split=split, first_pass=True)
+            )
+
+    def median(name: str) -> dict[str, Any]:
+        rows = runs[name]
+        out = dict(rows[0])
+        for k, v in rows[0].items():
+            if isinstance(v, float):
+                out[k] = statistics.median(r[k] for r in rows)
+        return out
+
+    result: dict[str, Any] = {
+        "bench": "data-url",
+        "data": data,
+        "split": split,
+        "num_samples": manifest.count(split),
+        "image_size": manifest.image_size,
+        "read_seconds": read_seconds,
+        "rounds": rounds,
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg()[0],
+        "streamed": median("streamed"),
+    }
+    if local is not None:
+        result["local"] = {"path": str(local), **median("local")}
+    if cache_dir is not None:
+        result["cache"] = {"path": str(cache_dir), "fill_s": fill_s, **median("cache")}
+    base = result.get("local")
+    for name in ("streamed", "cache"):
+        if base and name in result:
+            result[f"{name}_over_local"] = result[name]["images_per_s"] / base["images_per_s"]
+            result[f"{name}_over_local_cpu"] = (
+                result[name]["images_per_cpu_s"] / base["images_per_cpu_s"]
+            )
+    return result
+
+
 # ----------------------------------------------------------------------------------------------
 # train
 

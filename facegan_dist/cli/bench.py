@@ -37,12 +37,50 @@ def bench_data_cmd(
             show_default=False,
         ),
     ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="A URL shard folder (https://, s3://, gs://, hf://, file://, pipe:CMD with "
+            "{name}): time reading it instead of sharding synthetic images.",
+            show_default=False,
+        ),
+    ] = None,
+    local: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --data: the same shards on disk, read beside it.", show_default=False
+        ),
+    ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --data: fill this shard cache (train's --cache-dir), then time reading "
+            "it warm.",
+            show_default=False,
+        ),
+    ] = None,
+    rounds: Annotated[
+        int, typer.Option(help="With --data: rounds in which the sources take turns (medians).")
+    ] = 3,
 ) -> None:
-    """Sharding images/s (decode+crop+resize+encode, whole pipeline) and reading images/s."""
-    from facegan_dist.bench import bench_data, to_json_line
+    """Sharding images/s (decode+crop+resize+encode, whole pipeline) and reading images/s.
+
+    With --data URL: the training reader's images/s over the URL (streamed), beside --local
+    (the same shards on disk) and/or the warm --cache-dir; each read as a new loader process
+    would, first pass (tar headers parsed, cache files hashed) and later passes apart."""
+    from facegan_dist.bench import bench_data, bench_data_url, to_json_line
     from facegan_dist.errors import ConfigError
 
+    if data is not None:
+        with errors_to_exit():
+            r = bench_data_url(data, local, cache_dir, read_seconds, rounds)
+        _print_url_bench(r)
+        typer.echo(to_json_line(r))
+        return
     with errors_to_exit():
+        if local is not None or cache_dir is not None:
+            flag = "--local" if local is not None else "--cache-dir"
+            raise ConfigError(f"{flag} goes with --data URL")
         if count < 10:
             raise ConfigError(f"--count {count} must be at least 10")
         r = bench_data(count, size, workers, read_seconds, fmt, work_dir)
@@ -56,6 +94,32 @@ def bench_data_cmd(
         f"({r['read_images_per_cpu_s']:,.0f} per CPU-second), {size}px {fmt}"
     )
     typer.echo(to_json_line(r))
+
+
+def _print_url_bench(r: dict) -> None:
+    def line(label: str, where: str, m: dict) -> str:
+        return (
+            f"{label:<11}{where}: first pass {m['first_pass_images_per_s']:,.0f} images/s "
+            f"({m['first_pass_images_per_cpu_s']:,.0f} per CPU-second), later passes "
+            f"{m['images_per_s']:,.0f} images/s ({m['images_per_cpu_s']:,.0f} per CPU-second)"
+        )
+
+    typer.echo(
+        f"{r['num_samples']:,} images of {r['image_size']} px ('{r['split']}'), batches of 256, "
+        f"one loader process; load average {r['load_average']:.1f} on {r['cpu_count']} CPUs"
+    )
+    typer.echo(line("streamed", r["data"], r["streamed"]))
+    if "cache" in r:
+        c = r["cache"]
+        typer.echo(line("warm cache", c["path"], c) + f"; filled in {c['fill_s']:.1f} s")
+    if "local" in r:
+        typer.echo(line("local", r["local"]["path"], r["local"]))
+        for name in ("streamed", "cache"):
+            if f"{name}_over_local" in r:
+                typer.echo(
+                    f"{name} / local, later passes: {r[f'{name}_over_local']:.2f} "
+                    f"({r[f'{name}_over_local_cpu']:.2f} per CPU-second)"
+                )
 
 
 @bench_app.command("train")

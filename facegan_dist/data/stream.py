@@ -48,8 +48,10 @@ Workers and resume
 
 from __future__ import annotations
 
+import array
 import atexit
 import bisect
+import collections
 import copy
 import functools
 import hashlib
@@ -419,15 +421,20 @@ def _read_samples(shard: _Shard, start: int, stop: int) -> Iterator[_Raw]:
                 slab = f.read(hi - lo)
                 if len(slab) != hi - lo:
                     raise EOFError(f"unexpected end of data at byte {lo + len(slab)}")
-                for i, (img_at, img_n, attrs_at, attrs_n, _, _) in enumerate(
-                    spans[first:last].tolist(), start=first
-                ):
-                    img_at, attrs_at = img_at - lo, attrs_at - lo
-                    image = slab[img_at : img_at + img_n] if img_n >= 0 else None
-                    attrs = slab[attrs_at : attrs_at + attrs_n] if attrs_n >= 0 else None
-                    yield _Raw(index.keys[i], image, attrs, shard.path)
+                yield from _slice(slab, lo, index.keys, spans, first, last, shard.path)
     except (OSError, EOFError) as e:
         raise DataError(f"{shard.path} is unreadable or truncated: {e}") from e
+
+
+def _slice(slab, lo: int, keys, spans: np.ndarray, first: int, last: int, where) -> Iterator[_Raw]:
+    """Samples [first, last) cut out of `slab`, the bytes of their shard from offset `lo` on."""
+    for i, (img_at, img_n, attrs_at, attrs_n, _, _) in enumerate(
+        spans[first:last].tolist(), start=first
+    ):
+        img_at, attrs_at = img_at - lo, attrs_at - lo
+        image = slab[img_at : img_at + img_n] if img_n >= 0 else None
+        attrs = slab[attrs_at : attrs_at + attrs_n] if attrs_n >= 0 else None
+        yield _Raw(keys[i], image, attrs, where)
 
 
 def _read_remote_samples(shard: _Shard, start: int, stop: int) -> Iterator[_Raw]:
@@ -454,10 +461,67 @@ def _read_remote_samples(shard: _Shard, start: int, stop: int) -> Iterator[_Raw]
     raise DataError(remote.failed(shard.name, err))
 
 
+class _StreamIndex:
+    """What this process learnt of a URL shard's layout while tarfile read it: the first `len(keys)`
+    samples' spans (the columns of `_Index.spans`, flat), and `boundary`, the byte offset of the
+    header of the first member after them; `complete` once a read reached the end of the tar."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.flat = array.array("q")
+        self.boundary = 0
+        self.complete = False
+
+    def spans(self, n: int) -> np.ndarray:
+        """The first `n` samples' spans, a copy (`flat` cannot grow while a view of it lives)."""
+        return np.frombuffer(self.flat, dtype=np.int64, count=6 * n).reshape(n, 6).copy()
+
+    def learn(self, index: int, key: str, row: list[int], boundary: int) -> None:
+        """Sample `index` is complete and the next member starts at byte `boundary`. Several
+        reads of one shard can be under way in a process (the main process plays its loader
+        workers round-robin); each sample is recorded once, by the first read to finish it."""
+        if len(self.keys) == index:
+            self.keys.append(key)
+            self.flat.extend(row)
+            self.boundary = boundary
+
+
+_stream_indexes: collections.OrderedDict[str, _StreamIndex] = collections.OrderedDict()
+_STREAM_INDEXES = 1024  # URL shards whose layout a process remembers (least recently used go)
+
+
+def _stream_index(url: str) -> _StreamIndex:
+    index = _stream_indexes.pop(url, None) or _StreamIndex()
+    _stream_indexes[url] = index
+    while len(_stream_indexes) > _STREAM_INDEXES:
+        _stream_indexes.popitem(last=False)
+    return index
+
+
+def _read_exactly(reader, n: int, keep: bool = True) -> bytes:
+    """`n` bytes of the stream (`keep=False`: read past and dropped); EOFError if it ends."""
+    parts, left = [], n
+    while left > 0:
+        block = reader.read(min(left, 1 << 20))
+        if not block:
+            raise EOFError(f"the stream ended {left} bytes early")
+        left -= len(block)
+        if keep:
+            parts.append(block)
+    return b"".join(parts)
+
+
 def _stream_tar(shard: _Shard, start: int, stop: int) -> Iterator[_Raw]:
-    """One attempt at samples [start, stop) of a URL shard: tarfile over the stream, members
-    grouped into samples by the rules `_shard_index` applies to local shards (same keys, same
-    first image, same attrs), so both readers yield identical samples."""
+    """One attempt at samples [start, stop) of a URL shard, read in order from its stream.
+
+    Python's tarfile parses the headers (about 40 us per member, three members per sample), and
+    the samples are grouped by the rules `_shard_index` applies to local shards (same keys, same
+    first image, same attrs), so both readers yield identical samples. What tarfile found is
+    kept per process (`_StreamIndex`, like the local reader's `_shard_index`): a later read of
+    the same shard (the next epoch) skips to its first sample and cuts the samples out of large
+    reads by offset, without parsing, and hands over to tarfile where the known part ends. Each
+    cut sample's tar header is checked to name its key, so a shard replaced at its URL is noticed
+    (the index is dropped and the attempt fails, to be retried with tarfile)."""
 
     def mismatch(n: str) -> DataError:
         return DataError(
@@ -465,34 +529,83 @@ def _stream_tar(shard: _Shard, start: int, stop: int) -> Iterator[_Raw]:
             "it is truncated or stale: upload the shard folder again"
         )
 
-    reader = shard.remote.open(shard.name)
+    url = str(shard.path)
+    known = _stream_index(url)
+    transfer = shard.remote.open(shard.name)
+    reader = transfer.buffered()
     try:
         try:
-            tar = tarfile.open(fileobj=reader, mode="r|", bufsize=1 << 20)
-            index, key, image, attrs = -1, None, None, None
+            pos = 0  # bytes of the stream read so far
+            n_known = len(known.keys)
+            if start < n_known:  # 1. the known part: large reads, cut by offset
+                last_known = min(stop, n_known)
+                spans = known.spans(last_known)
+                for first in range(start, last_known, _READ_CHUNK):
+                    last = min(first + _READ_CHUNK, last_known)
+                    # from the first sample's header (checked below) to the last one's data end
+                    lo, hi = int(spans[first, _LO]) - tarfile.BLOCKSIZE, int(spans[last - 1, _HI])
+                    _read_exactly(reader, lo - pos, keep=False)
+                    slab = _read_exactly(reader, hi - lo)
+                    pos = hi
+                    _check_headers(slab, lo, known.keys, spans, first, last, url)
+                    yield from _slice(slab, lo, known.keys, spans, first, last, url)
+                if stop <= n_known:
+                    return  # enough: closing the reader ends the transfer
+            if known.complete:
+                raise mismatch(str(n_known))
+            # 2. the rest of the tar through tarfile, from the first member not yet known
+            base = known.boundary
+            _read_exactly(reader, base - pos, keep=False)
+            tar = tarfile.open(fileobj=reader, mode="r|", bufsize=tarfile.RECORDSIZE)
+            index, key, image, attrs = n_known - 1, None, None, None
+            row: list[int] = []
             for name_key, ext, info in _sample_members(tar):
                 if name_key != key:
-                    if key is not None and index >= start:
-                        yield _Raw(key, image, attrs, shard.path)
+                    if key is not None:
+                        known.learn(index, key, row, base + info.offset)
+                        if index >= start:
+                            yield _Raw(key, image, attrs, shard.path)
                     index, key, image, attrs = index + 1, name_key, None, None
+                    row = [-1, -1, -1, -1, base + info.offset_data, 0]
                     if index >= stop:
                         if stop >= shard.count:
                             raise mismatch(f"more than {shard.count}")
                         return  # enough: closing the reader ends the transfer
-                if index < start:
-                    continue  # read past by tarfile, never extracted
-                if ext in IMAGE_EXTS and image is None:  # one image per sample; keep the first
-                    image = tar.extractfile(info).read()
+                at = base + info.offset_data
+                if ext in IMAGE_EXTS and row[1] < 0:  # one image per sample; keep the first
+                    row[0], row[1] = at, info.size
+                    if index >= start:  # samples before start are read past, never extracted
+                        image = tar.extractfile(info).read()
                 elif ext == ATTRS_EXT:
-                    attrs = tar.extractfile(info).read()
+                    row[2], row[3] = at, info.size
+                    if index >= start:
+                        attrs = tar.extractfile(info).read()
+                row[_HI] = max(row[_HI], at + info.size)
         except (tarfile.TarError, EOFError) as e:
             raise TransferError(f"the stream is not a readable tar ({e})") from None
-        if key is not None and start <= index < stop:
-            yield _Raw(key, image, attrs, shard.path)
+        if key is not None:
+            known.learn(index, key, row, -1)
+            if start <= index < stop:
+                yield _Raw(key, image, attrs, shard.path)
         if index + 1 != shard.count:
+            _stream_indexes.pop(url, None)
             raise mismatch(str(index + 1))
+        known.complete = True
     finally:
-        reader.close()
+        transfer.close()
+
+
+def _check_headers(slab: bytes, lo: int, keys, spans, first: int, last: int, url: str) -> None:
+    """Each sample's first tar header (just before its first data byte) names its key, as when
+    tarfile read this shard (names too long for the header's name field are not checked)."""
+    for i in range(first, last):
+        head = (keys[i] + ".").encode("utf-8", "surrogateescape")
+        at = int(spans[i, _LO]) - tarfile.BLOCKSIZE - lo
+        if len(head) < 100 and head.isascii() and slab[at : at + len(head)] != head:
+            _stream_indexes.pop(url, None)
+            raise TransferError(
+                f"the file changed since this process last read it (sample {keys[i]} moved)"
+            )
 
 
 def _torchvision_decoder():
@@ -939,28 +1052,55 @@ def make_loader(
     )
 
 
+def forget_layouts() -> None:
+    """Drop what this process remembers of shards (tar indexes, URL offsets, hashed cache
+    files), so that the next read is a new process's first read (`facegan bench data`)."""
+    from facegan_dist.data import remote
+
+    _shard_index.cache_clear()
+    _stream_indexes.clear()
+    remote._hashed.clear()
+
+
 def bench_read(
-    shard_dir: Path,
+    shard_dir: Path | str | Remote,
     batch: int = 256,
     seconds: float = 5,
     num_workers: int = 0,
     split: str = "all",
     decode: bool = True,
+    first_pass: bool = False,
 ) -> dict:
     """Images/s of the training reader on `shard_dir` (what `facegan bench data` reports).
 
     The first batch (worker start-up, first shard open) is timed apart as `first_batch_s`. Each
-    process indexes a shard's tar headers the first time it reads it, so a run shorter than an
-    epoch per process measures the cold rate, and a longer one mostly the warm rate.
+    process indexes a shard's tar headers the first time it reads it (a URL shard: as tarfile
+    streams it), so a run shorter than an epoch per process measures the cold rate, and a longer
+    one mostly the warm rate. `first_pass` separates them: one whole epoch is timed first
+    (`first_pass_images_per_s`, from a process that has read nothing yet), then `seconds` of
+    the epochs after it (`images_per_s`).
     """
+    if first_pass:
+        forget_layouts()
     stream = ShardStream(
         shard_dir, split=split, batch_per_device=batch, num_workers=num_workers, decode=decode
     )
     loader = make_loader(stream)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     it = iter(loader)
     next(it)
     first_batch_s = time.perf_counter() - t0
+    first = {}
+    if first_pass:
+        for _ in range(stream.batches_per_epoch - 1):
+            next(it)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        n = stream.batches_per_epoch * batch
+        first = {
+            "first_pass_images_per_s": n / wall,
+            "first_pass_images_per_cpu_s": n / cpu if cpu > 0 else float("nan"),
+            "first_pass_seconds": wall,
+        }
     images, batches = 0, 0
     t0, cpu0 = time.perf_counter(), time.process_time()
     while (elapsed := time.perf_counter() - t0) < seconds:
@@ -974,6 +1114,7 @@ def bench_read(
         # this process's CPU time: with num_workers=0 all reading happens here, so images per
         # CPU second is the per-process rate free of contention from other processes
         "images_per_cpu_s": images / cpu if cpu > 0 else float("nan"),
+        **first,
         "images": images,
         "batches": batches,
         "seconds": elapsed,

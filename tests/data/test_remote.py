@@ -89,6 +89,39 @@ def test_cut_transfers_are_retried_and_resume_in_place(shards, server):
     assert server.requests.count(SHARD) >= 3  # two cut attempts, then a whole one
 
 
+def test_cut_in_a_later_epoch_is_retried_in_place(shards, server):
+    """Epoch 0 parses the shards with tarfile; later epochs cut samples out of the stream by the
+    offsets found then (stream._StreamIndex). A cut there is retried like any other."""
+    stream = iter(ShardStream(Remote(server.url, **FAST), batch_per_device=4, seed=3,
+                              shuffle_buffer=8))  # fmt: skip
+    got = [next(stream) for _ in range(12)]  # one epoch: 48 samples / 4
+    server.requests.clear()
+    server.faults, server.fault_times = {SHARD: "cut"}, {SHARD: 2}
+    got += [next(stream) for _ in range(18)]
+    assert_same(got, batches(shards, 30))
+    assert server.requests.count(SHARD) >= 3
+
+
+def test_a_shard_replaced_at_its_url_is_read_again(tmp_path, shards):
+    """The offsets a process remembers are checked against each sample's tar header: after the
+    file changes at its URL, the stream yields what a fresh reader of the new file yields."""
+    folder = tmp_path / "moving"
+    shutil.copytree(shards, folder)
+    srv = FaultServer(folder).start()
+    try:
+        kw = dict(batch_per_device=4, seed=3, shuffle_buffer=8, return_keys=True)
+        stream = iter(ShardStream(Remote(srv.url, **FAST), **kw))
+        head = [next(stream) for _ in range(12)]  # epoch 0: the offsets are learnt
+        (folder / SHARD).write_bytes((shards / "train-000002.tar").read_bytes())
+        tail = [next(stream) for _ in range(18)]
+        want = list(itertools.islice(iter(ShardStream(folder, start_batch=12, **kw)), 18))
+        assert [b[2] for b in tail] == [b[2] for b in want]
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(tail, want, strict=True))
+        assert len(head) == 12
+    finally:
+        srv.stop()
+
+
 @pytest.mark.parametrize(
     "fault, cause",
     [
@@ -265,3 +298,21 @@ def test_cache_dir_with_a_local_folder_is_refused(shards, tmp_path):
         f"error: --cache-dir caches the shards of a URL --data; --data {shards} is a local "
         "folder (read in place): drop --cache-dir"
     )
+
+
+def test_bench_data_over_a_url_beside_local_and_warm_cache(shards, server, tmp_path):
+    cache = tmp_path / "c"
+    res = CliRunner().invoke(app, ["bench", "data", "--data", server.url, "--local", str(shards),
+                                   "--cache-dir", str(cache), "--read-seconds", "0.2",
+                                   "--rounds", "1"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert r["bench"] == "data-url" and r["num_samples"] == 48 and r["image_size"] == 16
+    for name in ("streamed", "local", "cache"):
+        assert r[name]["images_per_s"] > 0 and r[name]["first_pass_images_per_s"] > 0, name
+    assert r["streamed_over_local"] > 0 and r["cache_over_local"] > 0
+    assert f"streamed   {server.url}: first pass " in res.stdout
+    assert len([f for f in cache_files(cache) if f.endswith(".tar")]) == 3
+    assert r["cache"]["fill_s"] >= 0 and r["local"]["path"] == str(shards)
+    bad = CliRunner().invoke(app, ["bench", "data", "--local", str(shards)])
+    assert bad.exit_code == 1 and bad.stderr.strip() == "error: --local goes with --data URL"
