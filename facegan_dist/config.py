@@ -573,14 +573,24 @@ def _coerce(name: str, value: Any, field_type: Any) -> Any:
                 raise ValueError
             return int(value)
         if t.startswith("bool") or t == "<class 'bool'>":
-            if isinstance(value, str):
-                return value.lower() in ("1", "true", "yes", "on")
+            if isinstance(value, str):  # a typo ("ture") is refused, not read as False
+                words = {"1": True, "true": True, "yes": True, "on": True}
+                words |= {"0": False, "false": False, "no": False, "off": False}
+                return words[value.lower()]
+            if not isinstance(value, (bool, int)):
+                raise ValueError
             return bool(value)
         if "float" in t:  # float | None
             return float(value)
         if "int" in t:  # int | None
             return int(value)
-    except (TypeError, ValueError):
+        if t in ("str", "str | None", "<class 'str'>"):
+            if isinstance(value, (list, tuple)):  # YAML/TOML `augment: [color, cutout]`
+                value = ",".join(str(x) for x in value)
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError, KeyError):
         flag = "--" + name.replace("_", "-")
         raise ConfigError(f"{flag} {given!r} is not a valid {t}") from None
     return value
@@ -600,15 +610,19 @@ def merge_train_config(
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     values: dict[str, Any] = dict(base or {})
     file_values = load_config_file(config_file) if config_file is not None else {}
-    preset = preset or file_values.get("preset") or values.get("preset") or DEFAULT_PRESET
+    # A preset named anywhere (the argument, else a flag, else the file) is applied, over a
+    # resumed run's saved config too; with none named a fresh run takes the default preset and
+    # a resumed run keeps its saved values and preset name.
+    given = preset or (flags or {}).get("preset") or file_values.get("preset")
+    preset = given or values.get("preset") or DEFAULT_PRESET
     if preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r} must be one of {', '.join(PRESETS)}")
-    if base is None or (flags or {}).get("preset") or file_values.get("preset"):
+    if base is None or given:
         values.update(PRESETS[preset])
     values["preset"] = preset
     for source, label in ((file_values, f"--config {config_file}"), (flags or {}, "flag")):
         for k, v in source.items():
-            if v is None:
+            if v is None or k == "preset":  # resolved above
                 continue
             if k not in fields:
                 raise ConfigError(f"{label}: unknown option {k!r}")

@@ -88,7 +88,6 @@ def test_a_preset_named_in_the_file_applies_and_a_preset_flag_beats_it(tmp_path)
     assert cfg.run_dir == Path("runs/wgan-gp")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the preset argument is not a typed --preset")
 def test_the_preset_argument_counts_as_a_typed_preset(tmp_path):
     """merge_train_config(preset, ...) without "preset" in `flags` (core callers: tests, bench)
     applies the argument's preset but labels the config with the file's preset, and over a
@@ -252,16 +251,22 @@ def test_an_empty_yaml_file_is_no_options(tmp_path):
     assert load_config_file(write(tmp_path, "c.yaml", "")) == {}
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a string not read as a boolean is silently False")
 def test_a_boolean_that_is_not_a_boolean_word_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"^--mbstd 'ture'"):
         merged(tmp_path, 'mbstd = "ture"\n')
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a list for a string option is an AttributeError")
-def test_a_list_for_augment_is_one_line_not_a_traceback(tmp_path):
-    with pytest.raises(ConfigError, match=r"^--augment"):
-        merged(tmp_path, "augment: [color, cutout]\n", name="c.yaml").validate()
+def test_a_list_for_augment_is_read_as_its_policies(tmp_path):
+    cfg = merged(tmp_path, "augment: [color, cutout]\n", name="c.yaml")
+    assert cfg.augment == "color,cutout"
+    cfg.validate()
+
+
+def test_a_non_string_for_a_string_option_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--condition 5 is not a valid str"):
+        merged(tmp_path, "condition = 5\n")
+    with pytest.raises(ConfigError, match=r"^--resume 5 is not a valid str"):
+        merged(tmp_path, "resume = 5\n")
 
 
 # ---- validation names the flag ----
