@@ -68,7 +68,7 @@ def options() -> dict[str, str]:
 
 def test_torch_free_choice_lists_equal_the_implementations():
     """The torch modules take their lists from config.py (declared with the options, torch-free
-    so that `facegan --help` needs no torch); metrics.FEATURES is still its own tuple."""
+    so that `facegan --help` needs no torch), metrics.FEATURES included."""
     impl = implementation_choices()
     for flag, mine in (("--arch", config.ARCH_CHOICES), ("--act", config.ACT_CHOICES),
                        ("--upsample", config.UPSAMPLE_CHOICES),
