@@ -13,7 +13,9 @@ into two groups.
                         [B, 128]          flatten + Linear + ReLU        = `features` (penultimate)
                         [B, 40]           Linear                         = logits (BCE with logits)
 
-Cache: `SHARD_DIR/classifier/attributes.safetensors` (state_dict) + `attributes.json` (settings,
+Cache (for a URL --data: under its --cache-dir, `readback.derived_dir`; rank 0 alone reads and
+writes it and broadcasts the weights):
+`SHARD_DIR/classifier/attributes.safetensors` (state_dict) + `attributes.json` (settings,
 the sha256 of manifest.json, per-attribute accuracy on the held-out images and the majority-class
 baseline). It is reused when the manifest sha and the network's code version (ARCH_VERSION)
 match, whatever settings trained it and the files load; otherwise (a stale, damaged or missing
@@ -34,7 +36,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from facegan_dist.data.readback import iter_split_once, manifest_sha256
+from facegan_dist.data.readback import derived_dir, iter_split_once, manifest_sha256
+from facegan_dist.data.remote import Remote
 from facegan_dist.errors import DataError
 
 CLASSIFIER_DIR = "classifier"
@@ -117,7 +120,10 @@ def accuracy(model: AttributeNet, batches, device) -> tuple[Tensor, Tensor, int]
 
 
 def train_classifier(
-    shard_dir: Path, settings: ClassifierSettings = ClassifierSettings(), device="cpu", log=None
+    shard_dir: Path | Remote,
+    settings: ClassifierSettings = ClassifierSettings(),
+    device="cpu",
+    log=None,
 ) -> tuple[AttributeNet, dict]:
     """Train on the `train` split (BCE with logits, Adam, random horizontal flips) and measure
     per-attribute accuracy on the held-out images -> (model in eval mode, meta)."""
@@ -245,15 +251,20 @@ def cached_meta(folder: Path) -> dict | None:
         return None
 
 
-def is_matching(meta: dict | None, shard_dir: Path, settings: ClassifierSettings) -> bool:
-    if not meta or not (Path(shard_dir) / CLASSIFIER_DIR / WEIGHTS_NAME).is_file():
+def is_matching(meta: dict | None, shard_dir: Path | Remote, settings: ClassifierSettings) -> bool:
+    if not meta or not (classifier_dir(shard_dir) / WEIGHTS_NAME).is_file():
         return False
     want = {**settings.key(), "manifest_sha256": manifest_sha256(shard_dir)}
     return all(meta.get(k) == v for k, v in want.items())
 
 
+def classifier_dir(shard_dir: Path | Remote) -> Path:
+    """SHARD_DIR/classifier/, or for a URL --data its --cache-dir's (readback.derived_dir)."""
+    return derived_dir(shard_dir) / CLASSIFIER_DIR
+
+
 def get_classifier(
-    shard_dir: Path,
+    shard_dir: Path | Remote,
     device="cpu",
     *,
     settings: ClassifierSettings = ClassifierSettings(),
@@ -263,11 +274,28 @@ def get_classifier(
 ) -> tuple[AttributeNet, dict]:
     """The cached classifier of `shard_dir` if it matches and loads, else a freshly trained (and
     cached) one: the cache is only a cache, so a damaged file (empty, truncated) is trained again,
-    with one log line naming it. Every rank calls this: rank 0 trains and writes, the others wait
-    and load. (All ranks read the same files before rank 0 writes anything, so they agree.)"""
+    with one log line naming it. Every rank calls this; rank 0 alone reads, trains and writes the
+    cache and sends the weights to the others (a broadcast), so ranks on other machines, whose
+    --cache-dir is not rank 0's, get the same network."""
     from facegan_dist import dist
 
-    folder = Path(shard_dir) / CLASSIFIER_DIR
+    model = meta = None
+    if dist.is_main(state):
+        model, meta = _cached_or_trained(shard_dir, settings, retrain, device, log)
+    if dist.world(state)[1] == 1:
+        return model, meta
+    weights = {k: v.cpu() for k, v in model.state_dict().items()} if model is not None else None
+    weights, meta = dist.broadcast_object(state, (weights, meta))
+    if model is None:
+        model = AttributeNet(
+            resolution=meta["resolution"], n_attrs=len(meta["attribute_names"]), width=meta["width"]
+        )
+        model.load_state_dict(weights)
+    return model.to(device).eval().requires_grad_(False), meta
+
+
+def _cached_or_trained(shard_dir, settings, retrain, device, log) -> tuple[AttributeNet, dict]:
+    folder = classifier_dir(shard_dir)
     meta = cached_meta(folder)
     why = "--retrain-classifier" if retrain else ("stale" if meta else "none cached")
     if not retrain and is_matching(meta, shard_dir, settings):
@@ -275,12 +303,10 @@ def get_classifier(
             return load_classifier(folder, device)
         except DataError as exc:
             why = f"{exc}"
-    if dist.is_main(state):
-        if log:
-            log(f"training the attribute classifier on {shard_dir} ({why})")
-        model, meta = train_classifier(shard_dir, settings, device, log)
-        save_classifier(model, meta, folder)
-    dist.barrier(state)
+    if log:
+        log(f"training the attribute classifier on {shard_dir} ({why})")
+    model, meta = train_classifier(shard_dir, settings, device, log)
+    save_classifier(model, meta, folder)
     return load_classifier(folder, device)
 
 

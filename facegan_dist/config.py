@@ -441,8 +441,11 @@ class TrainConfig:
             raise bad("--max-steps", f"{self.max_steps} must be at least 1")
         if self.eval_every < 0:
             raise bad("--eval-every", f"{self.eval_every} must be >= 0 (0 = off)")
-        if self.eval_every and isinstance(self.data, str):  # classifier.py caches in the folder
-            raise bad("--eval-every", "needs a local --data folder for now, not a URL")
+        if self.eval_every and isinstance(self.data, str) and self.cache_dir is None:
+            # the attribute classifier and the real statistics go there (readback.derived_dir)
+            raise bad("--eval-every", "needs a local --data folder, or --cache-dir DIR with a "
+                      "URL --data: the attribute classifier and FID's real statistics are kept "
+                      "there")  # fmt: skip
         if self.eval_every and self.eval_n < 2:
             raise bad("--eval-n", f"{self.eval_n} must be at least 2")
         if self.max_rollbacks < 0:

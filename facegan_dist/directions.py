@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from facegan_dist.data.remote import Remote
 from facegan_dist.errors import CheckpointError, ConfigError
 
 DIRECTIONS_NAME = "directions.safetensors"
@@ -144,7 +145,7 @@ class DirectionsConfig:
     """Everything `facegan directions` does; see docs/SAMPLING.md for each field's flag."""
 
     source: Path  # run folder, export folder or checkpoint folder
-    data: Path  # shard folder (the classifier is trained on it and cached there)
+    data: Path | Remote  # shard folder or URL (the classifier is trained on it, cached there)
     n: int = 2000  # generated faces to classify
     method: str = "mean-diff"
     seed: int = 0  # the faces are seeds seed..seed+n-1
@@ -214,7 +215,7 @@ def compute_directions(cfg: DirectionsConfig, state=None, log=print) -> dict:
     """Run `facegan directions`: every rank calls it; rank 0 writes the files."""
     from facegan_dist import dist
     from facegan_dist.artifacts import load_unconditional_generator
-    from facegan_dist.classifier import ClassifierSettings, get_classifier
+    from facegan_dist.classifier import ClassifierSettings, classifier_dir, get_classifier
     from facegan_dist.data.stream import Manifest
     from facegan_dist.latent import seed_z
     from facegan_dist.paths import out_file
@@ -226,6 +227,7 @@ def compute_directions(cfg: DirectionsConfig, state=None, log=print) -> dict:
     for path in (out, meta_path(out)):  # before any work (the classifier takes minutes)
         out_file(path, "--out")
     size = Manifest.read(cfg.data).image_size
+    clf_dir = classifier_dir(cfg.data)  # a URL without --cache-dir: one line before any work
     if size != meta["resolution"]:
         raise ConfigError(
             f"--data {cfg.data}: shards are {size} px, the generator makes {meta['resolution']} px"
@@ -256,7 +258,7 @@ def compute_directions(cfg: DirectionsConfig, state=None, log=print) -> dict:
         "z_dim": G.z_dim,
         "generator": {"path": str(info["path"]), "kind": info["kind"], "ema": meta["ema"]},
         "classifier": {
-            "path": str(Path(cfg.data) / "classifier"),
+            "path": str(clf_dir),
             "mean_accuracy": clf_meta["mean_accuracy"],
             "manifest_sha256": clf_meta["manifest_sha256"],
         },

@@ -30,7 +30,8 @@ numbers of `update` calls would deadlock (torchmetrics#3336), so KID gets exactl
 side per rank (a zero-row tensor when a rank has nothing). Cached real states are loaded on rank 0
 only (zeros elsewhere), so the sum over ranks counts them once.
 
-Real states are cached in `SHARD_DIR/stats/<name>-<split>-<n>.safetensors`: FID's real sum, sum of
+Real states are cached in `SHARD_DIR/stats/<name>-<split>-<n>.safetensors` (a URL --data: under
+its --cache-dir, `readback.derived_dir`): FID's real sum, sum of
 outer products and count, and KID's real features, with the manifest's sha256 and the extractor's
 identity in the metadata (another manifest or extractor recomputes). Rank 0 writes it (temp file +
 os.replace) only after both metrics were computed, so a failed run caches nothing.
@@ -52,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from facegan_dist.config import EVAL_FEATURES as FEATURES  # declared with --eval-features
+from facegan_dist.data.remote import Remote
 from facegan_dist.data.stream import Manifest
 from facegan_dist.errors import CheckpointError, ConfigError, DataError
 
@@ -216,11 +218,15 @@ class AttributeFeatures(nn.Module):
         return self.classifier.features(uint8_to_input(images_uint8))
 
 
-def attribute_extractor(shard_dir: Path, device, state=None, log=None, **kw) -> AttributeFeatures:
-    from facegan_dist.classifier import WEIGHTS_NAME, get_classifier
+def attribute_extractor(shard_dir, device, state=None, log=None, **kw) -> AttributeFeatures:
+    """`shard_dir`: a folder or a URL `Remote`. Its identity is the cached weights file's sha256,
+    read on rank 0 (the only rank that may see that file: a URL's cache is per machine)."""
+    from facegan_dist import dist
+    from facegan_dist.classifier import WEIGHTS_NAME, classifier_dir, get_classifier
 
     clf, _ = get_classifier(shard_dir, device, state=state, log=log, **kw)
-    digest = _file_sha256(Path(shard_dir) / "classifier" / WEIGHTS_NAME)
+    digest = _file_sha256(classifier_dir(shard_dir) / WEIGHTS_NAME) if dist.is_main(state) else ""
+    digest = dist.broadcast_object(state, digest)
     return AttributeFeatures(clf, f"attributes-classifier-{digest[:16]}").to(device)
 
 
@@ -315,9 +321,12 @@ class _Metrics:
 # ---- real images: count, cache, features ----
 
 
-def stats_path(data_dir: Path, name: str, split: str, n: int) -> Path:
+def stats_path(data_dir, name: str, split: str, n: int) -> Path:
+    """DATA/stats/..., or for a URL --data under its --cache-dir (readback.derived_dir)."""
+    from facegan_dist.data.readback import derived_dir
+
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-    return Path(data_dir) / STATS_DIR / f"{safe}-{split}-{n}.safetensors"
+    return derived_dir(data_dir) / STATS_DIR / f"{safe}-{split}-{n}.safetensors"
 
 
 def _load_cached(path: Path, want: dict, dim: int) -> dict[str, Tensor] | None:
@@ -549,7 +558,7 @@ class EvaluateConfig:
     """Everything `facegan evaluate` does; see docs/SAMPLING.md for each field's flag."""
 
     source: Path
-    data: Path
+    data: Path | Remote  # a folder, or a URL (`data.remote.locate`)
     n: int = 50_000
     split: str = "train"
     features: str = "attributes"  # offline; "inception" = the standard FID, needs the file
@@ -583,6 +592,7 @@ def evaluate(cfg: EvaluateConfig, state=None, log=None) -> dict:
     """Run `facegan evaluate` (every rank calls it); rank 0 writes the JSON result."""
     from facegan_dist import dist
     from facegan_dist.artifacts import load_any_generator
+    from facegan_dist.data.readback import derived_dir
     from facegan_dist.paths import atomic_write_text, out_dir, out_file
 
     if cfg.features not in FEATURES:
@@ -597,6 +607,7 @@ def evaluate(cfg: EvaluateConfig, state=None, log=None) -> dict:
     else:
         out_dir(Path(info["run_dir"]) / "eval", "--out")
     manifest = Manifest.read(cfg.data)
+    derived_dir(cfg.data)  # a URL without --cache-dir: one line before any work
     size = manifest.image_size
     condition_idx = condition_columns(meta, manifest, cfg.data)
     if cfg.features == "attributes" and size != meta["resolution"]:

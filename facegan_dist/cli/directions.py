@@ -16,10 +16,11 @@ CLF = "Attribute classifier"
 def directions_cmd(
     source: GeneratorSource,
     data: Annotated[
-        Path,
+        str,  # not Path: a URL's "//" would be folded
         typer.Option(
-            help="Shard folder with attributes; the classifier is trained on it and cached in "
-            "DATA/classifier/.",
+            help="Shard folder with attributes, or its URL prefix (docs/SHARDS.md); the "
+            "classifier is trained on it and cached in DATA/classifier/ (a URL: under "
+            "--cache-dir).",
             show_default=False,
         ),
     ],
@@ -62,6 +63,14 @@ def directions_cmd(
     classifier_width: Annotated[
         int, typer.Option(help="Channels of its first layer.", rich_help_panel=CLF)
     ] = 32,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="URL --data: the shard cache (train's --cache-dir), where the classifier is "
+            "kept too. Required for a URL.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Find one unit latent direction per attribute and store it next to the run.
 
@@ -69,12 +78,13 @@ def directions_cmd(
     and writes RUN/directions.safetensors + directions.json (used by `facegan sample --edit`).
     """
     from facegan_dist import dist
+    from facegan_dist.data.remote import locate
     from facegan_dist.directions import DirectionsConfig, compute_directions
 
     with errors_to_exit():
         cfg = DirectionsConfig(
             source=source,
-            data=data,
+            data=locate(data, cache_dir),
             n=n,
             method=method,
             seed=seed,

@@ -15,9 +15,11 @@ from facegan_dist.config import EVAL_FEATURES, SPLITS
 def evaluate_cmd(
     source: GeneratorSource,
     data: Annotated[
-        Path,
+        str,  # not Path: a URL's "//" would be folded
         typer.Option(
-            help="Shard folder; real statistics are cached in DATA/stats/.", show_default=False
+            help="Shard folder, or its URL prefix (https://, s3://, gs://, hf://, pipe:CMD with "
+            "{name}; docs/SHARDS.md); real statistics are cached in DATA/stats/.",
+            show_default=False,
         ),
     ],
     n: Annotated[
@@ -61,21 +63,30 @@ def evaluate_cmd(
             show_default=False,
         ),
     ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="URL --data: the shard cache (train's --cache-dir); the attribute classifier and "
+            "the real statistics are kept there too. Required for a URL.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """FID and KID of the generator against N real images of a split.
 
     FID and KID are torchmetrics' (docs/SAMPLING.md, "Evaluation protocol"). Real statistics
     are cached in DATA/stats/<features>-<split>-<n>.safetensors (recomputed when manifest.json
-    or the feature extractor changes). Runs split over processes under
-    `accelerate launch ... facegan_dist evaluate ...`.
+    or the feature extractor changes); for a URL --data under --cache-dir. Runs split over
+    processes under `accelerate launch ... facegan_dist evaluate ...`.
     """
     from facegan_dist import dist
+    from facegan_dist.data.remote import locate
     from facegan_dist.metrics import EvaluateConfig, evaluate
 
     with errors_to_exit():
         cfg = EvaluateConfig(
             source=source,
-            data=data,
+            data=locate(data, cache_dir),
             n=n,
             split=split,
             features=features,

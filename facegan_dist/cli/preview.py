@@ -13,17 +13,31 @@ from facegan_dist.config import SPLITS
 
 @app.command("preview")
 def preview_cmd(
-    shards: Annotated[Path, typer.Argument(help="Shard folder (with manifest.json).")],
+    shards: Annotated[
+        str,  # not Path: a URL's "//" would be folded
+        typer.Argument(
+            help="Shard folder (with manifest.json), or its URL prefix (docs/SHARDS.md).",
+            show_default=False,
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("contact-sheet.png"),
     n: Annotated[int, typer.Option(help="Number of images in the grid.")] = 64,
     split: Annotated[str, typer.Option(help=f"{one_of(SPLITS)}.")] = "all",
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="URL SHARDS: download the shards read into this cache (train's --cache-dir).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Write a contact sheet (a grid of the first N images) of a shard folder."""
     from facegan_dist.data.preview import contact_sheet
+    from facegan_dist.data.remote import locate
     from facegan_dist.errors import ConfigError
 
     with errors_to_exit():
         if n < 1:
             raise ConfigError(f"--n {n} must be at least 1")
-        count, _ = contact_sheet(shards, out, n=n, split=split)
+        count, _ = contact_sheet(locate(shards, cache_dir), out, n=n, split=split)
     typer.echo(f"wrote {out} ({count} images from {shards})")

@@ -171,13 +171,21 @@ def verify_cmd(
             show_default=False,
         ),
     ],
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="URL SHARD_DIR: download into this shard cache (train's --cache-dir) and keep "
+            "each shard that matches, so that a run reads it from there.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Re-hash and re-count every shard named by DIR/manifest.json; report strays. Exit 1 if bad."""
-    from facegan_dist.data.remote import is_url
+    from facegan_dist.data.remote import locate
     from facegan_dist.data.shards import verify_shards
 
     with errors_to_exit():
-        report = verify_shards(shard_dir if is_url(shard_dir) else Path(shard_dir))
+        report = verify_shards(locate(shard_dir, cache_dir))
     if report.ok:
         typer.echo(f"OK: {report.shards} shards, {report.samples} samples in {report.out}")
         return

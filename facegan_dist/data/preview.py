@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from facegan_dist.data.remote import Remote
 from facegan_dist.data.stream import ShardStream
 from facegan_dist.images import grid_uint8, save_png
 
 
-def contact_sheet(shard_dir: Path, out: Path, n: int = 64, split: str = "all", seed: int = 0):
+def contact_sheet(
+    shard_dir: Path | Remote, out: Path, n: int = 64, split: str = "all", seed: int = 0
+):
     """Write `n` images (or all, if fewer) of `split` as a square grid to `out`; returns the
     number of images and the attribute names of the shards. A bad `out` (a folder, a path under
     a file, an unwritable place) is one ConfigError naming --out, before any image is read."""

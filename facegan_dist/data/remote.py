@@ -78,6 +78,32 @@ def is_url(spec: object) -> bool:
     return bool(m) and m.group(1).lower() in URL_SCHEMES
 
 
+def locate(
+    data: Path | str,
+    cache_dir: Path | None = None,
+    *,
+    retries: int = 3,
+    timeout_s: float = 30.0,
+) -> Path | Remote:
+    """A `--data` as the readers take it: a local folder (a Path), or a `Remote` for a URL, with
+    its retry policy and shard cache. The --cache-dir folder is created and checked first (one
+    line naming it); --cache-dir with a local folder is refused (it is read in place)."""
+    from facegan_dist.errors import ConfigError
+
+    if not is_url(data):
+        if cache_dir is not None:
+            raise ConfigError(
+                f"--cache-dir caches the shards of a URL --data; --data {data} is a local "
+                "folder (read in place): drop --cache-dir"
+            )
+        return Path(data)
+    if cache_dir is not None:
+        from facegan_dist.paths import out_dir
+
+        cache_dir = out_dir(Path(cache_dir), "--cache-dir")
+    return Remote(str(data), retries=retries, timeout_s=timeout_s, cache_dir=cache_dir)
+
+
 class TransferError(Exception):
     """One failed attempt to transfer a file (retried); `cause` says why, in a few words."""
 

@@ -843,8 +843,10 @@ def verify_shards(out: Path | str | Remote) -> VerifyReport:
     """Re-hash, re-size and re-count every shard named by `out/manifest.json`; report strays.
 
     `out` may be a URL prefix (data/remote.py): each shard is then downloaded (with the
-    transfer retries) into a temporary folder, checked there and deleted; a shard that cannot be
-    fetched is a problem naming the cause; strays cannot be listed over a URL.
+    transfer retries) into a temporary folder, checked there and deleted, or with a cache
+    (`Remote.cache_dir`) into the cache, where it stays once its sha256 matches (a mismatch is
+    retried, then reported); a shard that cannot be fetched is a problem naming the cause; strays
+    cannot be listed over a URL.
     Raises DataError only when there is no readable manifest; shard problems are returned.
     """
     import tempfile
@@ -877,6 +879,11 @@ def verify_shards(out: Path | str | Remote) -> VerifyReport:
                 split_count += shard["count"]
                 if remote is None:
                     problem = _check_shard(out / name, shard, n_attrs)
+                elif remote.cache_dir is not None:  # kept in the cache once it matches
+                    try:
+                        problem = _check_shard(remote.cached(name, shard["sha256"]), shard, n_attrs)
+                    except DataError as exc:
+                        problem = f"cannot be fetched: {exc}"
                 else:
                     copy = Path(tmp) / name
                     try:

@@ -28,6 +28,7 @@ from facegan_dist.paths import atomic_write_text
 from facegan_dist.train import checkpoint
 from facegan_dist.train.preflight import (  # noqa: F401  (the CLI and tests import them here)
     check_run_folder,
+    data_location,
     read_data_manifest,
     resolve_condition,
     resolve_config,
@@ -245,7 +246,7 @@ def evaluate_now(run: Run) -> dict[str, Any]:
     cfg, acc, best = run.cfg, run.acc, run.best
     G_eval = G_for_use(run)
     res = evaluate_generator(
-        G_eval, cfg.data, n=cfg.eval_n, features=cfg.eval_features,
+        G_eval, data_location(cfg), n=cfg.eval_n, features=cfg.eval_features,
         split="train" if cfg.split == "all" else cfg.split, batch=max(run.batch_per_device, 50),
         device=run.device, acc=acc, seed=1_000_000, inception_weights=cfg.inception_weights,
         condition_idx=run.cond_idx.tolist() if run.condition else None,

@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from facegan_dist.config import TrainConfig, merge_train_config, train_config_from_json
-from facegan_dist.data.remote import Remote
+from facegan_dist.data.remote import Remote, locate
 from facegan_dist.data.stream import Manifest
 from facegan_dist.errors import CheckpointError, ConfigError, DataError
-from facegan_dist.paths import out_dir
 from facegan_dist.train import checkpoint
 
 
@@ -152,15 +151,18 @@ def resolve_condition(spec: str | None, attribute_names: list[str]) -> list[str]
     return names
 
 
+def data_location(cfg: TrainConfig) -> Path | Remote:
+    """--data as the readers take it: the folder, or a URL with the --data-retries /
+    --data-timeout policy and the --cache-dir (data/remote.py `locate`)."""
+    return locate(cfg.data, cfg.cache_dir, retries=cfg.data_retries, timeout_s=cfg.data_timeout)
+
+
 def read_data_manifest(cfg: TrainConfig) -> Manifest:
     """The shard manifest of --data (read and checked once per run), with one-line errors for a
     missing or empty folder. A URL --data is fetched with the --data-retries/--data-timeout
     policy, which its shard reads keep (data/remote.py)."""
     if isinstance(cfg.data, str):
-        cache = out_dir(cfg.cache_dir, "--cache-dir") if cfg.cache_dir is not None else None
-        remote = Remote(cfg.data, retries=cfg.data_retries, timeout_s=cfg.data_timeout,
-                        cache_dir=cache)  # fmt: skip
-        return Manifest.read(remote)
+        return Manifest.read(data_location(cfg))
     if not cfg.data.exists():
         raise DataError(f"--data {cfg.data}: no such folder (write shards with `facegan shard`)")
     if not cfg.data.is_dir():

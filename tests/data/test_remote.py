@@ -316,3 +316,119 @@ def test_bench_data_over_a_url_beside_local_and_warm_cache(shards, server, tmp_p
     assert r["cache"]["fill_s"] >= 0 and r["local"]["path"] == str(shards)
     bad = CliRunner().invoke(app, ["bench", "data", "--local", str(shards)])
     assert bad.exit_code == 1 and bad.stderr.strip() == "error: --local goes with --data URL"
+
+
+# ---- the other commands over a URL: verify, preview, evaluate, directions, train --eval-every
+
+
+def invoke(*args) -> object:
+    from tests.conftest import reset_accelerate
+
+    reset_accelerate()
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line_error(res, needle: str) -> None:
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), res.output
+    assert needle in lines[0], lines[0]
+
+
+NO_CACHE = "is a URL: give --cache-dir DIR, where the attribute classifier and FID's real"
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory, shards) -> Path:
+    """A tiny exported 16 px G (tests/integration/test_sample_eval.py)."""
+    from tests.integration.test_sample_eval import tiny_run
+
+    names = json.loads((shards / "manifest.json").read_text())["attribute_names"]
+    return tiny_run(tmp_path_factory.mktemp("gen"), names)
+
+
+def test_verify_with_a_cache_keeps_the_checked_shards(server, tmp_path):
+    cache = tmp_path / "c"
+    res = invoke("verify", server.url, "--cache-dir", cache)
+    assert res.exit_code == 0 and "OK: 3 shards, 48 samples" in res.stdout, res.output
+    assert len([f for f in cache_files(cache) if f.endswith(".tar")]) == 3
+    server.requests.clear()
+    assert invoke("verify", server.url, "--cache-dir", cache).exit_code == 0
+    assert not [r for r in server.requests if r.endswith(".tar")]  # checked in the cache
+
+
+def test_preview_over_http_equals_the_local_one(shards, server, tmp_path):
+    a, b = tmp_path / "http.png", tmp_path / "local.png"
+    res = invoke("preview", server.url, "--out", a, "--n", 16, "--cache-dir", tmp_path / "c")
+    assert res.exit_code == 0 and f"16 images from {server.url}" in res.stdout, res.output
+    assert invoke("preview", shards, "--out", b, "--n", 16).exit_code == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_evaluate_over_http_keeps_classifier_and_stats_in_the_cache(
+    shards, server, generator, tmp_path
+):
+    local = tmp_path / "local"
+    shutil.copytree(shards, local)
+    args = ["--features", "attributes", "--n", 24, "--kid-subsets", 2, "--batch", 8]
+    one_line_error(invoke("evaluate", generator, "--data", server.url, *args), NO_CACHE)
+    cache = tmp_path / "c"
+    res = invoke("evaluate", generator, "--data", server.url, "--cache-dir", cache,
+                 "--out", tmp_path / "http.json", *args)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert invoke("evaluate", generator, "--data", local, "--out", tmp_path / "local.json",
+                  *args).exit_code == 0  # fmt: skip
+    got = json.loads((tmp_path / "http.json").read_text())
+    want = json.loads((tmp_path / "local.json").read_text())
+    assert got["data"] == server.url and got["n_real"] == 24
+    assert got["fid"] == pytest.approx(want["fid"], rel=1e-6)
+    assert got["kid"] == pytest.approx(want["kid"], rel=1e-6, abs=1e-9)
+    (derived,) = cache.glob("manifest-*")
+    assert (derived / "classifier" / "attributes.safetensors").is_file()
+    stats = derived / "stats" / "attributes-train-24.safetensors"
+    stamp = stats.stat().st_mtime_ns
+    assert not (shards / "classifier").exists() and not (shards / "stats").exists()
+    server.requests.clear()  # again: classifier and statistics come from the cache
+    assert invoke("evaluate", generator, "--data", server.url, "--cache-dir", cache,
+                  "--out", tmp_path / "again.json", *args).exit_code == 0  # fmt: skip
+    assert set(server.requests) == {"manifest.json"} and stats.stat().st_mtime_ns == stamp
+
+
+def test_directions_over_http_equal_the_local_ones(shards, server, generator, tmp_path):
+    from facegan_dist.directions import load_directions
+
+    local = tmp_path / "local"
+    shutil.copytree(shards, local)
+    args = ["--n", 40, "--check-seeds", 0, "--classifier-epochs", 1, "--classifier-width", 8]
+    http, here = tmp_path / "http.safetensors", tmp_path / "local.safetensors"
+    one_line_error(invoke("directions", generator, "--data", server.url, "--out", http, *args),
+                   NO_CACHE)  # fmt: skip
+    cache = tmp_path / "c"
+    res = invoke("directions", generator, "--data", server.url, "--cache-dir", cache,
+                 "--out", http, *args)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert invoke("directions", generator, "--data", local, "--out", here, *args).exit_code == 0
+    (derived,) = cache.glob("manifest-*")
+    report = json.loads(http.with_suffix(".json").read_text())
+    assert report["classifier"]["path"] == str(derived / "classifier")
+    assert torch.equal(load_directions(http)[0], load_directions(here)[0])
+    assert not (shards / "classifier").exists()
+
+
+def test_train_eval_every_over_http_needs_and_uses_a_cache(server, tmp_path):
+    common = ["train", "--data", server.url, "--preset", "demo", "--g-width", "8",
+              "--d-width", "8", "--batch", "8", "--num-workers", "0", "--max-steps", "2",
+              "--eval-every", "2", "--eval-n", "16", "--wandb-mode", "disabled",
+              "--sample-every", "100", "--n-samples", "4"]  # fmt: skip
+    one_line_error(
+        invoke(*common, "--out", tmp_path / "r0"),
+        "--eval-every needs a local --data folder, or --cache-dir DIR with a URL",
+    )
+    cache = tmp_path / "c"
+    res = invoke(*common, "--out", tmp_path / "r", "--cache-dir", cache)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "fid" in r]
+    assert [r["step"] for r in evals] == [2] and evals[0]["fid"] > 0
+    (derived,) = cache.glob("manifest-*")
+    assert (derived / "classifier" / "attributes.safetensors").is_file()
+    assert (tmp_path / "r" / "best" / "best.json").is_file()
