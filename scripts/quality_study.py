@@ -59,8 +59,16 @@ RECIPES: dict[str, tuple[str, dict]] = {
     "resize-conv-last": ("tutorial", dict(upsample="nearest-last")),
     "quality-last": ("quality", dict(upsample="nearest-last")),
     "quality-ct": ("quality", dict(upsample="convtranspose")),
+    "quality-tr": ("quality", dict(augment="translation")),
     "ema-2": ("tutorial", dict(ema_kimg=2.0)),
     "sngan-hinge": ("sngan-hinge", {}),
+    # retuning candidates for sngan-hinge (its D, spectrally normalised and 32 wide, is weak):
+    # TTUR as in SAGAN/BigGAN, and beta1 = 0 alone
+    "sngan-ttur": (
+        "sngan-hinge",
+        dict(lr_g=1e-4, lr_d=4e-4, betas_g=(0.0, 0.9), betas_d=(0.0, 0.9)),
+    ),
+    "sngan-b0": ("sngan-hinge", dict(betas_g=(0.0, 0.9), betas_d=(0.0, 0.9))),
     "wgan-gp": ("wgan-gp", {}),
     "cgan": ("cgan", {}),
     "paper-dcgan": ("paper-dcgan", {}),
@@ -100,7 +108,9 @@ def train_recipe(name: str, data: Path, out: Path, seed: int, steps: int, every:
     g_every = max(1, round(every * g_steps / steps))
     cfg, ckpt = resolve_config(preset, None, {**base, "max_steps": g_steps, "ckpt_every": g_every,
                                               "resume": "auto"})  # fmt: skip
-    train(cfg, resume_from=ckpt)
+    if train(cfg, resume_from=ckpt).preempted:  # SIGTERM/SIGINT: the trainer saved and stopped
+        log(f"{name} seed {seed} stopped by a signal; run the same command again to continue")
+        raise SystemExit(130)
     return run_dir
 
 
