@@ -536,7 +536,10 @@ def _stream_tar(shard: _Shard, start: int, stop: int) -> Iterator[_Raw]:
     try:
         try:
             pos = 0  # bytes of the stream read so far
-            n_known = len(known.keys)
+            # read together, before the first yield: another read of this shard in the process
+            # may learn more samples while this one is suspended, and `boundary` must stay the
+            # end of sample n_known - 1 (else phase 2 would number later samples from n_known)
+            n_known, base, complete = len(known.keys), known.boundary, known.complete
             if start < n_known:  # 1. the known part: large reads, cut by offset
                 last_known = min(stop, n_known)
                 spans = known.spans(last_known)
@@ -551,10 +554,9 @@ def _stream_tar(shard: _Shard, start: int, stop: int) -> Iterator[_Raw]:
                     yield from _slice(slab, lo, known.keys, spans, first, last, url)
                 if stop <= n_known:
                     return  # enough: closing the reader ends the transfer
-            if known.complete:
+            if complete:
                 raise mismatch(str(n_known))
             # 2. the rest of the tar through tarfile, from the first member not yet known
-            base = known.boundary
             _read_exactly(reader, base - pos, keep=False)
             tar = tarfile.open(fileobj=reader, mode="r|", bufsize=tarfile.RECORDSIZE)
             index, key, image, attrs = n_known - 1, None, None, None

@@ -122,6 +122,23 @@ def test_a_shard_replaced_at_its_url_is_read_again(tmp_path, shards):
         srv.stop()
 
 
+def test_two_reads_of_a_url_shard_in_one_process_yield_its_samples_in_order(shards, server):
+    """Reader x starts in the part of a shard that reader y has already learnt (_StreamIndex)
+    and is suspended there while y learns more: x's tarfile part must still start right after
+    the samples x knew of, not after those learnt since (which it would number wrongly)."""
+    kw = dict(batch_per_device=4, shuffle_buffer=1, return_keys=True)
+    y = iter(ShardStream(server.url, **kw))
+    next(y)  # y learnt the first samples of the epoch's first shard, and is still reading it
+    x = iter(ShardStream(server.url, **kw))
+    got = [next(x)]  # from the known part
+    for _ in range(2):
+        next(y)  # y learns more of the shard while x is suspended
+    got += [next(x) for _ in range(5)]
+    want = list(itertools.islice(iter(ShardStream(shards, **kw)), 6))
+    assert [b[2] for b in got] == [b[2] for b in want]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(got, want, strict=True))
+
+
 @pytest.mark.parametrize(
     "fault, cause",
     [
