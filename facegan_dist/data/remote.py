@@ -254,7 +254,8 @@ class Remote:
             raise OSError(f"no free temporary name beside {dest}")
         try:
             h = hashlib.sha256()
-            with self.open(name) as f, os.fdopen(fd, "wb") as out:
+            # the descriptor's owner first: an open that fails must not leak it
+            with os.fdopen(fd, "wb") as out, self.open(name) as f:
                 while block := f.read(_READ):
                     h.update(block)
                     out.write(block)

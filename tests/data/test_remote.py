@@ -291,6 +291,19 @@ def test_cache_with_pipe_and_file_urls(shards, tmp_path, kind):
     assert len([f for f in cache_files(cache) if f.endswith(".tar")]) == 3
 
 
+def test_cache_open_failures_leak_no_file_descriptor(tmp_path):
+    """A transfer that cannot even start (file: of a missing file) is retried, then one line;
+    the temporary file's descriptor of each attempt is closed and the file deleted."""
+    import os
+
+    remote = Remote(f"file://{tmp_path}/gone/", retries=2, cache_dir=tmp_path / "c", **FAST)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(DataError, match="cannot open .*, 3 attempts"):
+        remote.cached(SHARD, "0" * 64)
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert cache_files(tmp_path / "c") == []
+
+
 def test_train_cache_corrupted_is_one_line_exit_1(server, tmp_path):
     server.faults = {SHARD: "corrupt"}
     cache = tmp_path / "c"
