@@ -584,6 +584,9 @@ def _stream_tar(shard: _Shard, start: int, stop: int) -> Iterator[_Raw]:
                         attrs = tar.extractfile(info).read()
                 row[_HI] = max(row[_HI], at + info.size)
         except (tarfile.TarError, EOFError) as e:
+            # the remembered offsets may be what is wrong (the file changed at its URL and this
+            # read began at one): the retry reads the tar anew from its start
+            _stream_indexes.pop(url, None)
             raise TransferError(f"the stream is not a readable tar ({e})") from None
         if key is not None:
             known.learn(index, key, row, -1)

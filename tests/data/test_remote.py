@@ -122,6 +122,29 @@ def test_a_shard_replaced_at_its_url_is_read_again(tmp_path, shards):
         srv.stop()
 
 
+def test_a_shard_replaced_at_its_url_is_read_again_past_its_known_part(tmp_path, shards):
+    """A read that starts after the samples this process knows of begins at the remembered
+    offset of the next one: in a replaced file that is no header, and the retry must read the
+    new file from its start (not fail every attempt at the same stale offset)."""
+    folder = tmp_path / "moving"
+    shutil.copytree(shards, folder)
+    other = write_tiny_shards(tmp_path / "other", n=48, size=24, per_shard=16)  # other offsets
+    srv = FaultServer(folder).start()
+    try:
+        kw = dict(batch_per_device=4, shuffle_buffer=1, return_keys=True, decode=False)
+        first = ShardStream(Remote(srv.url, **FAST), **kw)
+        name = first.epoch_shards(0)[0].name
+        next(iter(first))  # this process now knows the first samples of `name`
+        (folder / name).write_bytes((other / name).read_bytes())
+        # rank 1 of 4 starts at sample 12 of `name` (3 batches of 4 per rank and epoch)
+        part = dict(kw, rank=1, world_size=4)
+        got = next(iter(ShardStream(Remote(srv.url, **FAST), **part)))
+        want = next(iter(ShardStream(folder, **part)))
+        assert got[2] == want[2] and got[0] == want[0]
+    finally:
+        srv.stop()
+
+
 def test_two_reads_of_a_url_shard_in_one_process_yield_its_samples_in_order(shards, server):
     """Reader x starts in the part of a shard that reader y has already learnt (_StreamIndex)
     and is suspended there while y learns more: x's tarfile part must still start right after
