@@ -152,7 +152,9 @@ class Remote:
         if self.scheme == "pipe":
             return self.spec.replace("{name}", shlex.quote(name))
         if self.scheme == "s3":
-            return f"pipe:aws s3 cp {shlex.quote(self.where(name))} -"
+            # exec: the shell becomes aws, so that closing a transfer (a stall, or enough read)
+            # kills aws itself; a killed shell would leave it running, orphaned
+            return f"pipe:exec aws s3 cp {shlex.quote(self.where(name))} -"
         if self.scheme in ("http", "https"):
             return self.spec.rstrip("/") + "/" + urllib.parse.quote(name)
         return self.where(name)

@@ -192,6 +192,27 @@ def test_connection_refused_names_the_manifest_url():
     )
 
 
+def test_a_stalled_s3_transfer_leaves_no_process(tmp_path, monkeypatch):
+    """s3:// runs `aws s3 cp URL -` through webdataset's `pipe:` (a shell): the reader's kill on
+    a stall must reach the aws process itself, not only the shell that started it."""
+    import os
+    import sys
+
+    pid_file = tmp_path / "aws.pid"
+    fake = tmp_path / "bin" / "aws"  # a stand-in aws CLI: one process that never answers
+    fake.parent.mkdir()
+    body = f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+    fake.write_text(f"#!{sys.executable}\n{body}time.sleep(60)\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    remote = Remote("s3://bucket/shards/", retries=0, timeout_s=0.5)
+    with pytest.raises(DataError, match=r"^s3://bucket/shards/manifest.json: stalled"):
+        Manifest.read(remote)
+    pid = int(pid_file.read_text())
+    status = Path(f"/proc/{pid}/status")
+    assert not status.exists() or "State:\tZ" in status.read_text(), "aws still runs"
+
+
 def test_train_exact_over_http_is_bit_identical_to_local(shards, server, tmp_path):
     """`facegan train --data URL --exact` (the CLI, so the URL survives the option parsing)
     against the same run from the folder: identical weights and metric rows."""
