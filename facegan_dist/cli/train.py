@@ -85,8 +85,10 @@ def _help(f: dataclasses.Field) -> str:
     return f"{text} {_default(f)}".strip()
 
 
-def _option(name: str, hint: Any, default: Any, flag: str, help: str, panel: str | None):
-    info = typer.Option(flag, help=help, rich_help_panel=panel, show_default=False)
+def _option(
+    name: str, hint: Any, default: Any, flag: str, help: str, panel: str | None, **kw: Any
+):
+    info = typer.Option(flag, help=help, rich_help_panel=panel, show_default=False, **kw)
     kind = inspect.Parameter.KEYWORD_ONLY
     return inspect.Parameter(name, kind, default=default, annotation=Annotated[hint, info])
 
@@ -99,12 +101,20 @@ def _parameter(f: dataclasses.Field) -> inspect.Parameter:
         hint, default = str | None, None
     elif Path in typing.get_args(hint) and str in typing.get_args(hint):  # --data: URL or path
         hint = str | None  # typer would fold a URL's "//" into a Path; config._coerce sorts it
+    kw: dict[str, Any] = {}
+    choices = f.metadata["choices"]
+    if choices and f.name != "augment" and hint in (str, str | None):
+        # typer itself refuses a value outside the declared choices (a usage error, one line
+        # from cli/app.py); validate() checks the same tuple for config files. The help row
+        # already lists the choices, so the metavar stays <str>.
+        hint = typing.Optional[typing.Literal[tuple(choices)]]  # noqa: UP045 (a runtime type)
+        kw["metavar"] = "<str>"
     flag = "--" + f.name.replace("_", "-")
     if f.metadata["flag"]:
         flag = f.metadata["flag"]
     elif hint in (bool, bool | None):
         flag = f"{flag}/--no-{flag[2:]}"
-    return _option(f.name, hint, default, flag, _help(f), f.metadata["panel"])
+    return _option(f.name, hint, default, flag, _help(f), f.metadata["panel"], **kw)
 
 
 def _parameters() -> list[inspect.Parameter]:
