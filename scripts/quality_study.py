@@ -69,6 +69,7 @@ RECIPES: dict[str, tuple[str, dict]] = {
         dict(lr_g=1e-4, lr_d=4e-4, betas_g=(0.0, 0.9), betas_d=(0.0, 0.9)),
     ),
     "sngan-b0": ("sngan-hinge", dict(betas_g=(0.0, 0.9), betas_d=(0.0, 0.9))),
+    "sngan-dw": ("sngan-hinge", dict(d_width=64)),  # SNGAN's own D is far wider than 32
     "wgan-gp": ("wgan-gp", {}),
     "cgan": ("cgan", {}),
     "paper-dcgan": ("paper-dcgan", {}),
@@ -243,23 +244,29 @@ def summarise(rows: list[dict], recipes: list[str], out: Path) -> str:
 
     base = {k: statistics.mean(x["fid"] for x in by.get(("baseline", "train-mode", k), []))
             for k in kimgs if by.get(("baseline", "train-mode", k))}  # fmt: skip
-    lines = [f"FID / KID x1000 at {final:g} kimg (mean +- half-range over seeds); ratio = FID / "
-             "baseline FID at the same budget", "",
-             "| recipe | G | seeds | FID | KID x1000 | ratio | FID curve (kimg: FID) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [f"FID / KID x1000 at each recipe's largest budget scored (at most {final:g} kimg; "
+             "mean +- half-range over seeds); ratio = FID / baseline FID at the same budget", "",
+             "| recipe | G | seeds | kimg | FID | KID x1000 | ratio | FID curve (kimg: FID) |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name in recipes:
+        mine = {k for (n, _, k) in by if n == name}
+        if not mine:
+            continue
+        # the recipe's largest budget the baseline was scored at too (a run stopped by a signal
+        # leaves an off-grid checkpoint), else its largest
+        last = max(mine & set(base)) if mine & set(base) else max(mine)
         for which in ("train-mode", "ema", "raw"):
-            cell = by.get((name, which, final))
+            cell = by.get((name, which, last))
             if not cell:
                 continue
             f, fs = mean_spread([x["fid"] for x in cell])
             k, ks = mean_spread([1000 * x["kid"] for x in cell])
-            ratio = f"{f / base[final]:.2f}" if final in base else "-"
+            ratio = f"{f / base[last]:.2f}" if last in base else "-"
             curve = ", ".join(
                 f"{kk:g}: {statistics.mean(x['fid'] for x in by[(name, which, kk)]):.1f}"
                 for kk in kimgs if (name, which, kk) in by
             )  # fmt: skip
-            lines.append(f"| {name} | {which} | {len(cell)} | {f:.1f} +- {fs:.1f} | "
+            lines.append(f"| {name} | {which} | {len(cell)} | {last:g} | {f:.1f} +- {fs:.1f} | "
                          f"{k:.1f} +- {ks:.1f} | {ratio} | {curve} |")  # fmt: skip
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
