@@ -175,9 +175,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # WGAN-GP (Gulrajani et al. 2017): no BN in the critic, 5 critic steps, Adam(1e-4, 0, 0.9).
     "wgan-gp": dict(arch="dcgan", loss="wgan-gp", d_steps=5, lr_g=1e-4, lr_d=1e-4,
                     betas_g=(0.0, 0.9), betas_d=(0.0, 0.9), batch=64, epochs=20),
-    # SNGAN with the hinge loss (Miyato et al. 2018), one D step with beta1 = 0.5.
+    # SNGAN with the hinge loss (Miyato et al. 2018), one D step. Adam betas (0, 0.9), as the
+    # hinge-loss GANs after SNGAN use: with (0.5, 0.999) the quality study's run collapsed after
+    # 96 kimg (FID 986 at 160 kimg); with (0, 0.9) it kept improving (218; docs/QUALITY.md).
     "sngan-hinge": dict(arch="dcgan", loss="hinge", spectral_norm="d", lr_g=2e-4, lr_d=2e-4,
-                        betas_g=(0.5, 0.999), betas_d=(0.5, 0.999), batch=64, epochs=20),
+                        betas_g=(0.0, 0.9), betas_d=(0.0, 0.9), batch=64, epochs=20),
     # Conditional DCGAN on all 40 CelebA attributes (projection D), tutorial optimiser.
     "cgan": dict(arch="dcgan", loss="ns", condition="all", lr_g=2e-4, lr_d=2e-4,
                  betas_g=(0.5, 0.999), betas_d=(0.5, 0.999), batch=128, epochs=5),
