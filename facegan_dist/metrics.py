@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from facegan_dist.config import EVAL_FEATURES as FEATURES  # declared with --eval-features
-from facegan_dist.data.remote import Remote
+from facegan_dist.data.remote import Remote, sha256_file
 from facegan_dist.data.stream import Manifest
 from facegan_dist.errors import CheckpointError, ConfigError, DataError
 
@@ -75,16 +75,6 @@ FID_REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_
 
 
 # ---- feature extractors: uint8 [B, 3, S, S] (on device) -> float [B, D] ----
-
-
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _first_line(exc: Exception) -> str:
@@ -185,7 +175,7 @@ class InceptionFeatures(nn.Module):
                 f"{path}: not torch-fidelity's Inception v3 weights ({_first_line(exc)}); "
                 f"{_where_to_get()}"
             ) from None
-        digest = _file_sha256(path)
+        digest = sha256_file(path)
         if digest != INCEPTION_SHA256 and log:
             log(
                 f"warning: {path} (sha256 {digest[:8]}...) is not the published {INCEPTION_FILE}: "
@@ -225,7 +215,7 @@ def attribute_extractor(shard_dir, device, state=None, log=None, **kw) -> Attrib
     from facegan_dist.classifier import WEIGHTS_NAME, classifier_dir, get_classifier
 
     clf, _ = get_classifier(shard_dir, device, state=state, log=log, **kw)
-    digest = _file_sha256(classifier_dir(shard_dir) / WEIGHTS_NAME) if dist.is_main(state) else ""
+    digest = sha256_file(classifier_dir(shard_dir) / WEIGHTS_NAME) if dist.is_main(state) else ""
     digest = dist.broadcast_object(state, digest)
     return AttributeFeatures(clf, f"attributes-classifier-{digest[:16]}").to(device)
 

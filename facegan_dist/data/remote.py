@@ -226,7 +226,7 @@ class Remote:
             (dest.parent / _LOCKS).mkdir(parents=True, exist_ok=True)
             with _locked(dest.parent / _LOCKS / f"{dest.name}.lock"):
                 if dest.is_file():
-                    if _sha256_file(dest) == sha256:
+                    if sha256_file(dest) == sha256:
                         return self._mark_good(dest)
                     dest.unlink()  # damaged in the cache: never used, downloaded again
                 err = TransferError("not tried")
@@ -285,7 +285,8 @@ class Remote:
         return path
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path | str) -> str:
+    """The hex sha256 of a file, read in blocks (the manifest's shard checksum)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(_READ):

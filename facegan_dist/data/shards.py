@@ -68,7 +68,7 @@ from facegan_dist.data.celeba import (
     Source,
     open_source,
 )
-from facegan_dist.data.remote import Remote, is_url
+from facegan_dist.data.remote import Remote, is_url, sha256_file
 from facegan_dist.errors import ConfigError, DataError
 from facegan_dist.paths import out_dir
 
@@ -971,14 +971,6 @@ def _scan_tar(path: Path | str, n_attrs: int | None) -> tuple[int, str | None]:
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-
-def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _flag_value(v: Any) -> str:
