@@ -143,10 +143,9 @@ def bench_data_url(
     each number is the median over the rounds.
     """
     from facegan_dist.config import SPLITS
-    from facegan_dist.data.remote import Remote, is_url
+    from facegan_dist.data.remote import Remote, is_url, locate
     from facegan_dist.data.stream import Manifest, bench_read
     from facegan_dist.errors import ConfigError, DataError
-    from facegan_dist.paths import out_dir
 
     if not is_url(data):
         raise ConfigError(f"--data {data}: give a URL (the local folder goes in --local)")
@@ -156,16 +155,16 @@ def bench_data_url(
         raise ConfigError(f"--split {split!r} must be one of {', '.join(SPLITS)}")
     if local is not None and not (Path(local) / "manifest.json").is_file():
         raise DataError(f"--local {local}: no manifest.json there (the shard folder on disk)")
-    if cache_dir is not None:
-        cache_dir = out_dir(Path(cache_dir), "--cache-dir")
+    # the --cache-dir folder is created and checked before any transfer (remote.locate)
+    cached = None if cache_dir is None else locate(data, cache_dir, retries=retries,
+                                                   timeout_s=timeout_s)  # fmt: skip
     remote = Remote(data, retries=retries, timeout_s=timeout_s)
     manifest = Manifest.read(remote)
 
     sources: dict[str, Any] = {"streamed": remote}
     if local is not None:
         sources["local"] = Path(local)
-    if cache_dir is not None:
-        cached = Remote(data, retries=retries, timeout_s=timeout_s, cache_dir=cache_dir)
+    if cached is not None:
         t0 = time.perf_counter()
         for shard in Manifest(cached, manifest.raw).shards(split):
             cached.cached(shard.name, shard.sha256)  # downloaded once (or already there)
@@ -200,8 +199,8 @@ def bench_data_url(
     }
     if local is not None:
         result["local"] = {"path": str(local), **median("local")}
-    if cache_dir is not None:
-        result["cache"] = {"path": str(cache_dir), "fill_s": fill_s, **median("cache")}
+    if cached is not None:
+        result["cache"] = {"path": str(cached.cache_dir), "fill_s": fill_s, **median("cache")}
     base = result.get("local")
     for name in ("streamed", "cache"):
         if base and name in result:
