@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 
 from facegan_dist.data.readback import derived_dir, iter_split_once, manifest_sha256
 from facegan_dist.data.remote import Remote
-from facegan_dist.errors import DataError
+from facegan_dist.errors import DataError, FaceganError
 
 CLASSIFIER_DIR = "classifier"
 WEIGHTS_NAME = "attributes.safetensors"
@@ -279,19 +280,43 @@ def get_classifier(
     --cache-dir is not rank 0's, get the same network."""
     from facegan_dist import dist
 
-    model = meta = None
+    model = meta = failure = None
     if dist.is_main(state):
-        model, meta = _cached_or_trained(shard_dir, settings, retrain, device, log)
+        try:
+            model, meta = _cached_or_trained(shard_dir, settings, retrain, device, log)
+        except Exception as exc:
+            if dist.world(state)[1] == 1:
+                raise
+            # The other ranks wait in the broadcast below: they must hear of the failure, or
+            # they hang there until the launcher's (or NCCL's 30 min) timeout.
+            failure = exc
     if dist.world(state)[1] == 1:
         return model, meta
     weights = {k: v.cpu() for k, v in model.state_dict().items()} if model is not None else None
-    weights, meta = dist.broadcast_object(state, (weights, meta))
+    weights, meta, error = dist.broadcast_object(
+        state, (weights, meta, None if failure is None else _portable(failure))
+    )
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise error
     if model is None:
         model = AttributeNet(
             resolution=meta["resolution"], n_attrs=len(meta["attribute_names"]), width=meta["width"]
         )
         model.load_state_dict(weights)
     return model.to(device).eval().requires_grad_(False), meta
+
+
+def _portable(exc: Exception) -> FaceganError:
+    """`exc` as rank 0 sends it to the other ranks: our one-line errors as they are (the CLI
+    prints them the same on every rank), anything else as a DataError saying where it came from."""
+    if isinstance(exc, FaceganError):
+        try:  # a subclass whose __init__ takes other arguments may not survive pickling
+            return pickle.loads(pickle.dumps(exc))
+        except Exception:
+            return DataError(str(exc))
+    return DataError(f"the attribute classifier failed on rank 0 ({type(exc).__name__}: {exc})")
 
 
 def _cached_or_trained(shard_dir, settings, retrain, device, log) -> tuple[AttributeNet, dict]:
