@@ -60,6 +60,11 @@ RECIPES: dict[str, tuple[str, dict]] = {
     "quality-last": ("quality", dict(upsample="nearest-last")),
     "quality-ct": ("quality", dict(upsample="convtranspose")),
     "quality-tr": ("quality", dict(augment="translation")),
+    # second-round candidates on top of the winner: a longer EMA (ramped), mirrored real images,
+    # D's minibatch standard deviation
+    "q-ema10": ("quality", dict(ema_kimg=10.0)),
+    "q-hflip": ("quality", dict(hflip=True)),
+    "q-mbstd": ("quality", dict(mbstd=True)),
     "ema-2": ("tutorial", dict(ema_kimg=2.0)),
     "sngan-hinge": ("sngan-hinge", {}),
     # retuning candidates for sngan-hinge (its D, spectrally normalised and 32 wide, is weak):
