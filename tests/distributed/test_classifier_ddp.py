@@ -74,10 +74,11 @@ def run_two(tmp_path: Path, kind: str) -> list[dict]:
 
 def test_a_rank0_error_is_raised_on_every_rank(tmp_path):
     r0, r1 = run_two(tmp_path, "facegan")
-    assert r0 == r1 == {
+    want = {
         "raised": "DataError",
         "message": "shards/train-000000.tar: a shard failed after its retries",
     }
+    assert r0 == want and r1 == want
 
 
 def test_a_rank0_crash_reaches_the_other_rank_as_one_line(tmp_path):
