@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from facegan_dist.data.remote import is_url
+from facegan_dist.data.remote import check_retry_policy, is_url
 from facegan_dist.errors import ConfigError
 
 SHARD_SIZES = (16, 32, 64, 128, 256)
@@ -475,10 +475,7 @@ class TrainConfig:
             raise bad("--num-workers", f"{self.num_workers} must be >= 0")
         if self.shuffle_buffer < 1:
             raise bad("--shuffle-buffer", f"{self.shuffle_buffer} must be at least 1")
-        if self.data_retries < 0:
-            raise bad("--data-retries", f"{self.data_retries} must be at least 0")
-        if not self.data_timeout > 0:
-            raise bad("--data-timeout", f"{self.data_timeout:g} must be above 0 seconds")
+        check_retry_policy(self.data_retries, self.data_timeout)
         if self.cache_dir is not None and not isinstance(self.data, str):
             raise bad(
                 "--cache-dir", f"caches the shards of a URL --data; --data {self.data} is a "

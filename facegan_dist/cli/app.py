@@ -18,6 +18,7 @@ from typing import Annotated
 import typer
 
 from facegan_dist import __version__
+from facegan_dist.config import TrainConfig
 from facegan_dist.errors import FaceganError
 
 # Choices whose tuples live in modules that import torch, mirrored here so that `--help` stays
@@ -33,6 +34,22 @@ GeneratorSource = Annotated[
         help="Run folder (uses export/, else its newest checkpoint), an export folder or a "
         "checkpoint folder (RUN/checkpoints/step-...).",
         show_default=False,
+    ),
+]
+
+# A URL data folder's retry policy, for the commands that read shards besides train (whose
+# TrainConfig fields declare the same two options): the defaults are those fields'.
+DATA_RETRIES, DATA_TIMEOUT_S = TrainConfig.data_retries, TrainConfig.data_timeout
+DataRetries = Annotated[
+    int,
+    typer.Option(
+        "--data-retries", help="URL data: retries, with backoff, of a failed transfer (as train's)."
+    ),
+]
+DataTimeout = Annotated[
+    float,
+    typer.Option(
+        "--data-timeout", help="URL data: read timeout (s) of a transfer: seconds without a byte."
     ),
 ]
 

@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from facegan_dist.cli.app import DIRECTION_METHODS, GeneratorSource, app, errors_to_exit, one_of
+from facegan_dist.cli.app import (
+    DATA_RETRIES,
+    DATA_TIMEOUT_S,
+    DIRECTION_METHODS,
+    DataRetries,
+    DataTimeout,
+    GeneratorSource,
+    app,
+    errors_to_exit,
+    one_of,
+)
 
 CLF = "Attribute classifier"
 
@@ -71,6 +81,8 @@ def directions_cmd(
             show_default=False,
         ),
     ] = None,
+    data_retries: DataRetries = DATA_RETRIES,
+    data_timeout: DataTimeout = DATA_TIMEOUT_S,
 ) -> None:
     """Find one unit latent direction per attribute and store it next to the run.
 
@@ -84,7 +96,7 @@ def directions_cmd(
     with errors_to_exit():
         cfg = DirectionsConfig(
             source=source,
-            data=locate(data, cache_dir),
+            data=locate(data, cache_dir, retries=data_retries, timeout_s=data_timeout),
             n=n,
             method=method,
             seed=seed,

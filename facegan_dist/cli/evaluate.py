@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from facegan_dist.cli.app import TRUNCATION_MODES, GeneratorSource, app, errors_to_exit, one_of
+from facegan_dist.cli.app import (
+    DATA_RETRIES,
+    DATA_TIMEOUT_S,
+    TRUNCATION_MODES,
+    DataRetries,
+    DataTimeout,
+    GeneratorSource,
+    app,
+    errors_to_exit,
+    one_of,
+)
 from facegan_dist.config import EVAL_FEATURES, SPLITS
 
 
@@ -71,6 +81,8 @@ def evaluate_cmd(
             show_default=False,
         ),
     ] = None,
+    data_retries: DataRetries = DATA_RETRIES,
+    data_timeout: DataTimeout = DATA_TIMEOUT_S,
 ) -> None:
     """FID and KID of the generator against N real images of a split.
 
@@ -86,7 +98,7 @@ def evaluate_cmd(
     with errors_to_exit():
         cfg = EvaluateConfig(
             source=source,
-            data=locate(data, cache_dir),
+            data=locate(data, cache_dir, retries=data_retries, timeout_s=data_timeout),
             n=n,
             split=split,
             features=features,

@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from facegan_dist.cli.app import app, errors_to_exit, one_of
+from facegan_dist.cli.app import (
+    DATA_RETRIES,
+    DATA_TIMEOUT_S,
+    DataRetries,
+    DataTimeout,
+    app,
+    errors_to_exit,
+    one_of,
+)
 from facegan_dist.config import SPLITS
 
 
@@ -30,6 +38,8 @@ def preview_cmd(
             show_default=False,
         ),
     ] = None,
+    data_retries: DataRetries = DATA_RETRIES,
+    data_timeout: DataTimeout = DATA_TIMEOUT_S,
 ) -> None:
     """Write a contact sheet (a grid of the first N images) of a shard folder."""
     from facegan_dist.data.preview import contact_sheet
@@ -39,5 +49,10 @@ def preview_cmd(
     with errors_to_exit():
         if n < 1:
             raise ConfigError(f"--n {n} must be at least 1")
-        count, _ = contact_sheet(locate(shards, cache_dir), out, n=n, split=split)
+        count, _ = contact_sheet(
+            locate(shards, cache_dir, retries=data_retries, timeout_s=data_timeout),
+            out,
+            n=n,
+            split=split,
+        )
     typer.echo(f"wrote {out} ({count} images from {shards})")

@@ -12,7 +12,14 @@ from typing import Annotated
 
 import typer
 
-from facegan_dist.cli.app import app, errors_to_exit
+from facegan_dist.cli.app import (
+    DATA_RETRIES,
+    DATA_TIMEOUT_S,
+    DataRetries,
+    DataTimeout,
+    app,
+    errors_to_exit,
+)
 from facegan_dist.config import default_workers
 
 WHAT = "What to write"
@@ -179,13 +186,17 @@ def verify_cmd(
             show_default=False,
         ),
     ] = None,
+    data_retries: DataRetries = DATA_RETRIES,
+    data_timeout: DataTimeout = DATA_TIMEOUT_S,
 ) -> None:
     """Re-hash and re-count every shard named by DIR/manifest.json; report strays. Exit 1 if bad."""
     from facegan_dist.data.remote import locate
     from facegan_dist.data.shards import verify_shards
 
     with errors_to_exit():
-        report = verify_shards(locate(shard_dir, cache_dir))
+        report = verify_shards(
+            locate(shard_dir, cache_dir, retries=data_retries, timeout_s=data_timeout)
+        )
     if report.ok:
         typer.echo(f"OK: {report.shards} shards, {report.samples} samples in {report.out}")
         return

@@ -78,6 +78,16 @@ def is_url(spec: object) -> bool:
     return bool(m) and m.group(1).lower() in URL_SCHEMES
 
 
+def check_retry_policy(retries: int, timeout_s: float) -> None:
+    """--data-retries and --data-timeout (train's options and the other commands'): one line."""
+    from facegan_dist.errors import ConfigError
+
+    if retries < 0:
+        raise ConfigError(f"--data-retries {retries} must be at least 0")
+    if not timeout_s > 0:
+        raise ConfigError(f"--data-timeout {timeout_s:g} must be above 0 seconds")
+
+
 def locate(
     data: Path | str,
     cache_dir: Path | None = None,
@@ -86,10 +96,12 @@ def locate(
     timeout_s: float = 30.0,
 ) -> Path | Remote:
     """A `--data` as the readers take it: a local folder (a Path), or a `Remote` for a URL, with
-    its retry policy and shard cache. The --cache-dir folder is created and checked first (one
-    line naming it); --cache-dir with a local folder is refused (it is read in place)."""
+    its retry policy (checked here, one line naming the flag) and shard cache. The --cache-dir
+    folder is created and checked first (one line naming it); --cache-dir with a local folder is
+    refused (it is read in place)."""
     from facegan_dist.errors import ConfigError
 
+    check_retry_policy(retries, timeout_s)
     if not is_url(data):
         if cache_dir is not None:
             raise ConfigError(

@@ -506,3 +506,23 @@ def test_train_eval_every_over_http_needs_and_uses_a_cache(server, tmp_path):
     (derived,) = cache.glob("manifest-*")
     assert (derived / "classifier" / "attributes.safetensors").is_file()
     assert (tmp_path / "r" / "best" / "best.json").is_file()
+
+
+@pytest.mark.parametrize("command", ["verify", "preview", "evaluate", "directions"])
+def test_other_commands_take_the_retry_policy(server, generator, tmp_path, command):
+    """--data-retries and --data-timeout reach the transfers of every command that reads shards
+    (train's own are covered above): a stalled manifest is given up after 0.5 s, twice."""
+    args = {
+        "verify": [server.url],
+        "preview": [server.url, "--out", tmp_path / "p.png"],
+        "evaluate": [generator, "--data", server.url, "--out", tmp_path / "e.json"],
+        "directions": [generator, "--data", server.url, "--out", tmp_path / "d.safetensors"],
+    }[command]
+    server.faults, server.stall_s = {"manifest.json": "stall"}, 3
+    res = invoke(command, *args, "--cache-dir", tmp_path / "c", "--data-retries", 1,
+                 "--data-timeout", 0.5)  # fmt: skip
+    one_line_error(res, "manifest.json: stalled: no data for 0.5 s (read timeout), 2 attempts")
+    assert server.requests.count("manifest.json") == 2
+    assert not list(tmp_path.glob("[ped].*"))  # no output file
+    bad = invoke(command, *args, "--data-retries", -1)
+    one_line_error(bad, "--data-retries -1 must be at least 0")
