@@ -65,6 +65,7 @@ RECIPES: dict[str, tuple[str, dict]] = {
     "q-ema10": ("quality", dict(ema_kimg=10.0)),
     "q-hflip": ("quality", dict(hflip=True)),
     "q-mbstd": ("quality", dict(mbstd=True)),
+    "q-mh": ("quality", dict(mbstd=True, hflip=True)),
     "ema-2": ("tutorial", dict(ema_kimg=2.0)),
     "sngan-hinge": ("sngan-hinge", {}),
     # retuning candidates for sngan-hinge (its D, spectrally normalised and 32 wide, is weak):
