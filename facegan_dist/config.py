@@ -163,10 +163,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tutorial": dict(arch="dcgan", loss="ns", lr_g=2e-4, lr_d=2e-4, betas_g=(0.5, 0.999),
                      betas_d=(0.5, 0.999), epochs=5, batch=128),
     # The quality study's winner (docs/QUALITY.md): the tutorial DCGAN with resize-conv upsampling
-    # for G's RGB layer (all layers: 1.3-1.5x the time per image, no better), Adam betas (0, 0.99)
-    # and a 2 kimg EMA half-life (BatchNorm re-estimated for the EMA).
+    # for G's RGB layer (all layers: 1.3-1.5x the time per image, no better), Adam betas (0, 0.99),
+    # a 2 kimg EMA half-life (BatchNorm re-estimated for the EMA), D's minibatch standard
+    # deviation and mirrored real images (faces are left-right symmetric; --no-hflip for data
+    # that is not, such as text).
     "quality": dict(arch="dcgan", loss="ns", upsample="nearest-last", lr_g=2e-4, lr_d=2e-4,
-                    betas_g=(0.0, 0.99), betas_d=(0.0, 0.99), ema_kimg=2.0, epochs=5, batch=128),
+                    betas_g=(0.0, 0.99), betas_d=(0.0, 0.99), ema_kimg=2.0, mbstd=True,
+                    hflip=True, epochs=5, batch=128),
     # Small and fast on 2 CPU cores: 32 px shards, narrow nets, a few minutes.
     "demo": dict(arch="dcgan", loss="ns", g_width=32, d_width=32, lr_g=2e-4, lr_d=2e-4,
                  betas_g=(0.5, 0.999), betas_d=(0.5, 0.999), batch=64, epochs=None,

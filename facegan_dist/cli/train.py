@@ -85,9 +85,7 @@ def _help(f: dataclasses.Field) -> str:
     return f"{text} {_default(f)}".strip()
 
 
-def _option(
-    name: str, hint: Any, default: Any, flag: str, help: str, panel: str | None, **kw: Any
-):
+def _option(name: str, hint: Any, default: Any, flag: str, help: str, panel: str | None, **kw: Any):
     info = typer.Option(flag, help=help, rich_help_panel=panel, show_default=False, **kw)
     kind = inspect.Parameter.KEYWORD_ONLY
     return inspect.Parameter(name, kind, default=default, annotation=Annotated[hint, info])
