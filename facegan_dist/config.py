@@ -247,8 +247,9 @@ class TrainConfig:
     split: str = option("train", "Shard split: {choices}.", panel=DATA, choices=SPLITS)
     preset: str = option(  # the preset this config started from (informational once merged)
         DEFAULT_PRESET, "{choices}. quality: the measured best (resize-conv G, Adam betas 0,0.99, "
-        "2 kimg EMA; docs/QUALITY.md). Options marked 'with --preset' take their default from "
-        "it.", panel=DATA, choices=tuple(PRESETS))  # fmt: skip
+        "2 kimg EMA, minibatch-stddev D, mirrored images; docs/QUALITY.md). Options marked "
+        "'with --preset' take their default from it.", panel=DATA,
+        choices=tuple(PRESETS))  # fmt: skip
     # model
     arch: str = option("dcgan", "{choices}.", panel=MODEL, choices=ARCH_CHOICES)
     act: str = option(
