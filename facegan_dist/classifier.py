@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,13 @@ from torch import Tensor, nn
 
 from facegan_dist.data.readback import derived_dir, iter_split_once, manifest_sha256
 from facegan_dist.data.remote import Remote
-from facegan_dist.errors import DataError, FaceganError
+from facegan_dist.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    FaceganError,
+    TrainingError,
+)
 
 CLASSIFIER_DIR = "classifier"
 WEIGHTS_NAME = "attributes.safetensors"
@@ -311,11 +316,9 @@ def get_classifier(
 def _portable(exc: Exception) -> FaceganError:
     """`exc` as rank 0 sends it to the other ranks: our one-line errors as they are (the CLI
     prints them the same on every rank), anything else as a DataError saying where it came from."""
-    if isinstance(exc, FaceganError):
-        try:  # a subclass whose __init__ takes other arguments may not survive pickling
-            return pickle.loads(pickle.dumps(exc))
-        except Exception:
-            return DataError(str(exc))
+    for kind in (ConfigError, DataError, CheckpointError, TrainingError, FaceganError):
+        if isinstance(exc, kind):  # its base kind: a subclass may take other __init__ arguments
+            return kind(str(exc))
     return DataError(f"the attribute classifier failed on rank 0 ({type(exc).__name__}: {exc})")
 
 
