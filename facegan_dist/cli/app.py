@@ -122,8 +122,9 @@ def errors_to_exit() -> Iterator[None]:
         from facegan_dist.dist import error_line
 
         line = error_line(exc)  # one line per failure, not one per process
-        if line:
-            print(line, file=sys.stderr)
+        if line:  # one write: print() writes the newline apart, and the ranks' lines interleave
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
