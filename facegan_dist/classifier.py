@@ -285,18 +285,16 @@ def get_classifier(
     --cache-dir is not rank 0's, get the same network."""
     from facegan_dist import dist
 
+    if dist.world(state)[1] == 1:
+        return _cached_or_trained(shard_dir, settings, retrain, device, log)
     model = meta = failure = None
     if dist.is_main(state):
         try:
             model, meta = _cached_or_trained(shard_dir, settings, retrain, device, log)
         except Exception as exc:
-            if dist.world(state)[1] == 1:
-                raise
             # The other ranks wait in the broadcast below: they must hear of the failure, or
             # they hang there until the launcher's (or NCCL's 30 min) timeout.
             failure = exc
-    if dist.world(state)[1] == 1:
-        return model, meta
     weights = {k: v.cpu() for k, v in model.state_dict().items()} if model is not None else None
     weights, meta, error = dist.broadcast_object(
         state, (weights, meta, None if failure is None else _portable(failure))
