@@ -3,6 +3,9 @@ every rank raises the error at once instead of rank 1 waiting in the weights' br
 launcher's timeout (NCCL's default is 30 minutes).
 
 Each rank is its own `python -c` process, so a hang is a subprocess timeout, not a stuck pytest.
+The workers start their group as the CLI does (`dist.process_state`), and each checks at exit that
+the group was destroyed first: a gloo group left alive can abort the interpreter's exit
+("terminate called without an active exception", exit -6), which is how this test once failed.
 """
 
 from __future__ import annotations
@@ -22,13 +25,19 @@ REPO = Path(__file__).resolve().parents[2]
 
 WORKER = textwrap.dedent(
     """
-    import json, sys
-    from accelerate import PartialState
-    from facegan_dist import classifier
+    import atexit, json, os, sys
+    import torch.distributed as tdist
+    from facegan_dist import classifier, dist
     from facegan_dist.errors import DataError
 
-    state = PartialState(cpu=True)
-    rank = state.process_index
+    rank = int(os.environ["RANK"])
+
+    def group_at_exit():  # registered first, so it runs after dist's own exit hook
+        with open(f"{sys.argv[3]}/rank{rank}-exit.json", "w") as f:
+            json.dump({"group_alive_at_exit": tdist.is_initialized()}, f)
+
+    atexit.register(group_at_exit)
+    state = dist.process_state()
 
     def fail(*args, **kwargs):
         if sys.argv[2] == "facegan":
@@ -69,6 +78,9 @@ def run_two(tmp_path: Path, kind: str) -> list[dict]:
     finally:
         for p in procs:
             p.kill()
+    for r in range(2):
+        exit_state = json.loads((tmp_path / f"rank{r}-exit.json").read_text())
+        assert exit_state == {"group_alive_at_exit": False}, f"rank {r}"
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
