@@ -6,21 +6,17 @@ statistics), and where that cache lives (`derived_dir`).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from facegan_dist.data.remote import Remote
 
 
 def manifest_sha256(shard_dir: Path | Remote) -> str:
-    """sha256 of `manifest.json`: it lists every shard's sha, so it changes with the data."""
+    """sha256 of `manifest.json` (validated; one fetch for a URL): it lists every shard's sha,
+    so it changes with the data."""
     from facegan_dist.data.stream import Manifest
 
-    if isinstance(shard_dir, Remote):
-        Manifest.read(shard_dir)  # validates, with one-line errors
-        return hashlib.sha256(shard_dir.fetch("manifest.json")).hexdigest()
-    path = Manifest.read(shard_dir).path  # validates, with one-line errors
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return Manifest.read(shard_dir).sha256
 
 
 def derived_dir(shard_dir: Path | Remote) -> Path:

@@ -107,13 +107,17 @@ def read_manifest(shard_dir: Path | str | Remote, *, full: bool = False) -> dict
     Values that merely disagree (counts that do not add up, a wrong hash) are verify's business.
     `shard_dir` may be a URL (`remote.is_url`) or a `Remote`: the manifest is fetched first.
     """
+    return _load_manifest(shard_dir, full)[0]
+
+
+def _load_manifest(shard_dir: Path | str | Remote, full: bool) -> tuple[dict, bytes]:
+    """`read_manifest`, with the bytes it checked (hashed by `Manifest.sha256`: one fetch of a
+    URL manifest, and the hash is of the very bytes that were validated)."""
     if isinstance(shard_dir, Remote) or is_url(shard_dir):
         remote = shard_dir if isinstance(shard_dir, Remote) else Remote(str(shard_dir))
-        return _parse_manifest(
-            remote.fetch("manifest.json"), remote.where("manifest.json"),
-            "upload the shard folder's manifest.json again (`facegan verify` it locally first)",
-            full,
-        )  # fmt: skip
+        data = remote.fetch("manifest.json")
+        fix = "upload the shard folder's manifest.json again (`facegan verify` it locally first)"
+        return _parse_manifest(data, remote.where("manifest.json"), fix, full), data
     shard_dir = Path(shard_dir)
     path = shard_dir / "manifest.json"
     if not path.is_file():
@@ -123,7 +127,7 @@ def read_manifest(shard_dir: Path | str | Remote, *, full: bool = False) -> dict
         data = path.read_bytes()
     except OSError as e:
         raise ManifestError(f"{path} is unreadable ({e})", fix) from None
-    return _parse_manifest(data, path, fix, full)
+    return _parse_manifest(data, path, fix, full), data
 
 
 def _parse_manifest(data: bytes, path: Path | str, fix: str, full: bool) -> dict:
@@ -237,13 +241,15 @@ class Manifest:
 
     shard_dir: Path | Remote  # a local folder, or a URL prefix (data/remote.py)
     raw: dict
+    sha256: str = ""  # of manifest.json's bytes as read (it lists every shard's sha256)
 
     @classmethod
     def read(cls, shard_dir: Path | str | Remote, *, full: bool = False) -> Manifest:
         """`shard_dir`: a folder, a URL (`remote.is_url`) or a `Remote` (its retry policy)."""
         if not isinstance(shard_dir, Remote):
             shard_dir = Remote(str(shard_dir)) if is_url(shard_dir) else Path(shard_dir)
-        return cls(shard_dir, read_manifest(shard_dir, full=full))
+        raw, data = _load_manifest(shard_dir, full)
+        return cls(shard_dir, raw, hashlib.sha256(data).hexdigest())
 
     @property
     def path(self) -> Path | str:

@@ -83,6 +83,20 @@ def test_manifest_fetched_first_and_unsafe_names_refused(tmp_path, shards):
         srv.stop()
 
 
+def test_manifest_sha256_is_one_fetch_of_the_bytes_it_hashes(shards, server):
+    """The key of the URL cache's derived folder is the hash of the manifest bytes that were
+    validated, fetched once (not validated from one download and hashed from another)."""
+    import hashlib
+
+    from facegan_dist.data.readback import manifest_sha256
+
+    server.requests.clear()
+    got = manifest_sha256(Remote(server.url))
+    assert server.requests == ["manifest.json"]
+    assert got == hashlib.sha256((shards / "manifest.json").read_bytes()).hexdigest()
+    assert manifest_sha256(shards) == got  # the local folder's key is the same
+
+
 def test_cut_transfers_are_retried_and_resume_in_place(shards, server):
     server.faults, server.fault_times = {SHARD: "cut"}, {SHARD: 2}
     assert_same(batches(Remote(server.url, **FAST), 24), batches(shards, 24))
