@@ -13,6 +13,7 @@ is reported.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -166,7 +167,7 @@ def bench_data_url(
         sources["local"] = Path(local)
     if cached is not None:
         t0 = time.perf_counter()
-        for shard in Manifest(cached, manifest.raw).shards(split):
+        for shard in dataclasses.replace(manifest, shard_dir=cached).shards(split):
             cached.cached(shard.name, shard.sha256)  # downloaded once (or already there)
         fill_s = time.perf_counter() - t0
         sources["cache"] = cached

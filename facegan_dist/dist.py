@@ -94,6 +94,8 @@ def _destroy_group_at_exit() -> None:
 
 
 def _destroy_group() -> None:
+    """Not accelerate's `state.destroy_process_group`: it raises at exit once the shared state
+    was reset (`PartialState._reset_state`, as the tests and notebook relaunches do)."""
     import torch.distributed as tdist
 
     if tdist.is_available() and tdist.is_initialized():

@@ -241,7 +241,7 @@ class Manifest:
 
     shard_dir: Path | Remote  # a local folder, or a URL prefix (data/remote.py)
     raw: dict
-    sha256: str = ""  # of manifest.json's bytes as read (it lists every shard's sha256)
+    sha256: str  # of manifest.json's bytes as read (it lists every shard's sha256)
 
     @classmethod
     def read(cls, shard_dir: Path | str | Remote, *, full: bool = False) -> Manifest:
