@@ -35,7 +35,6 @@ from facegan_dist.data.remote import Remote
 from facegan_dist.errors import CheckpointError, ConfigError
 
 DIRECTIONS_NAME = "directions.safetensors"
-DIRECTIONS_META = "directions.json"
 METHODS = ("mean-diff", "linear")
 MIN_PER_CLASS = 10
 CHECK_SEED = 1_000_000  # held-out seeds for the before/after check start here

@@ -306,17 +306,6 @@ def gather_rows(state, rows: torch.Tensor, n_total: int) -> torch.Tensor:
     return torch.cat([p[:k].cpu() for p, k in zip(parts, sizes, strict=True)])
 
 
-def all_sum(state, t: torch.Tensor) -> torch.Tensor:
-    """Sum of `t` over ranks, returned on the CPU on every rank (float64 stays float64)."""
-    if state is None or state.num_processes == 1:
-        return t.cpu()
-    import torch.distributed as tdist
-
-    t = t.to(state.device).clone()
-    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
-    return t.cpu()
-
-
 def broadcast_object(state, obj: Any) -> Any:
     """Rank 0's `obj` on every rank (a collective)."""
     if state is None or state.num_processes == 1:

@@ -929,12 +929,6 @@ def _check_shard(path: Path, shard: dict[str, Any], n_attrs: int) -> str | int:
     return attrs_problem or count
 
 
-def tar_sample_count(path: Path | str) -> int:
-    """Samples in a WebDataset tar: runs of consecutive members sharing a key (the name up to the
-    first dot of its last path component, as webdataset's `base_plus_ext`)."""
-    return _scan_tar(path, None)[0]
-
-
 def _scan_tar(path: Path | str, n_attrs: int | None) -> tuple[int, str | None]:
     """(sample count, first attrs problem or None) in one pass over the tar's headers.
 
