@@ -63,6 +63,9 @@ RECIPES: dict[str, tuple[str, dict]] = {
     # second-round candidates on top of the winner: a longer EMA (ramped), mirrored real images,
     # D's minibatch standard deviation
     "q-ema10": ("quality", dict(ema_kimg=10.0)),
+    # shorter EMA half-lives, for small data where G still improves fast late in the budget
+    "q-ema1": ("quality", dict(ema_kimg=1.0)),
+    "q-ema05": ("quality", dict(ema_kimg=0.5)),
     "q-hflip": ("quality", dict(hflip=True)),
     "q-mbstd": ("quality", dict(mbstd=True)),
     "q-mh": ("quality", dict(mbstd=True, hflip=True)),
@@ -379,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                 with open(results, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 log(f"{name} seed {seed} {row['kimg']:g} kimg {which}: FID {res['fid']:.2f} "
-                    f"KID {1000 * res['kid']:.2f}e-3")  # fmt: skip
+                    f"KID x1000 {1000 * res['kid']:.1f}")  # fmt: skip
             if seed == seeds[0]:
                 final_grid(name, run_dir, args.out)
         print(summarise(rows, recipes, args.out), flush=True)
