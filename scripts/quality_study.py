@@ -66,6 +66,8 @@ RECIPES: dict[str, tuple[str, dict]] = {
     # shorter EMA half-lives, for small data where G still improves fast late in the budget
     "q-ema1": ("quality", dict(ema_kimg=1.0)),
     "q-ema05": ("quality", dict(ema_kimg=0.5)),
+    # DiffAugment (Zhao et al. 2020), the small-data remedy, on top of the default
+    "q-diffaug": ("quality", dict(augment="color,translation,cutout")),
     "q-hflip": ("quality", dict(hflip=True)),
     "q-mbstd": ("quality", dict(mbstd=True)),
     "q-mh": ("quality", dict(mbstd=True, hflip=True)),
