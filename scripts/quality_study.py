@@ -83,6 +83,9 @@ RECIPES: dict[str, tuple[str, dict]] = {
     "sngan-dw": ("sngan-hinge", dict(d_width=64)),  # SNGAN's own D is far wider than 32
     "wgan-gp": ("wgan-gp", {}),
     "cgan": ("cgan", {}),
+    # cgan as first shipped (the tutorial optimiser), and the retuned preset spelt from quality
+    "cgan-tutorial": ("tutorial", dict(condition="all")),
+    "cgan-q": ("quality", dict(condition="all")),
     "paper-dcgan": ("paper-dcgan", {}),
     "paper-mlp-relu": ("paper-mlp-relu", {}),
     "paper-mlp-leaky": ("paper-mlp-leaky", {}),
