@@ -297,6 +297,10 @@ class TrainConfig:
     )
     lr_g: float = option(2e-4, "Adam lr of G.", panel=OBJ)
     lr_d: float = option(2e-4, "Adam lr of D.", panel=OBJ)
+    lr_decay: float = option(  # train.run.lr_factor
+        0.0, "Fraction of the run, at its end, over which both lrs fall linearly to 0 (0: "
+        "constant; 1: from the first step). Follows the run's length (--max-steps/--epochs).",
+        panel=OBJ)  # fmt: skip
     betas_g: tuple[float, float] = option(
         (0.5, 0.999), "Adam betas of G, e.g. 0.5,0.999.", panel=OBJ
     )
@@ -436,6 +440,8 @@ class TrainConfig:
         for flag, v in (("--lr-g", self.lr_g), ("--lr-d", self.lr_d)):
             if not v > 0:
                 raise bad(flag, f"{v} must be > 0")
+        if not 0 <= self.lr_decay <= 1:
+            raise bad("--lr-decay", f"{self.lr_decay} must be in [0, 1] (a fraction of the run)")
         for flag, b in (("--betas-g", self.betas_g), ("--betas-d", self.betas_d)):
             if len(b) != 2 or not all(0 <= x < 1 for x in b):
                 raise bad(flag, f"{b} must be two numbers in [0, 1), e.g. 0.5,0.999")
@@ -473,6 +479,8 @@ class TrainConfig:
                 "needs one D step per G step (--d-steps 1 --d-every 1) and no --augment, "
                 "wgan-gp or --r1 (their work changes from step to step)",
             )
+        if self.cuda_graphs and self.lr_decay:
+            raise bad("--cuda-graphs", "captures the learning rate: not with --lr-decay")
         if self.cuda_graphs and self.compile:
             raise bad("--cuda-graphs", "and --compile are alternatives: pick one")
         if self.cuda_graphs and self.precision == "fp16":

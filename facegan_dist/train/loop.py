@@ -42,6 +42,7 @@ from facegan_dist.train.run import (
     next_real,
     prepare_run_folder,
     restore,
+    set_learning_rates,
     start_logging,
     trainer_state,
 )
@@ -109,6 +110,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> TrainResult:
         task = progress.add_task("train", total=run.total_steps, completed=run.step, rate="")
         while run.step < run.total_steps:
             # ---- one step: d_steps D updates (on one step in d_every), then one G update ----
+            if cfg.lr_decay:
+                set_learning_rates(run)  # host floats: no sync
             consumed = run.gan_step(run.step, lambda: next_real(run))
             if run.ema is not None:
                 run.ema.update(run.G_plain, cfg.batch, (run.step + 1) * cfg.batch)

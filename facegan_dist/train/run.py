@@ -347,12 +347,21 @@ def restore(run: Run, ckpt: Path | None) -> None:
         truncate_metrics(run.run_dir / "metrics.jsonl", run.step)
 
 
+def lr_factor(lr_decay: float, step: int, total_steps: int) -> float:
+    """--lr-decay: the factor on both rates for the update made at `step` (0-based): 1, then
+    over the last `lr_decay * total_steps` steps a line down towards 0 (the last update still
+    moves: 1 / span). A pure function of the step, so a resume needs no scheduler state."""
+    span = lr_decay * total_steps
+    return 1.0 if span <= 0 else min(1.0, (total_steps - step) / span)
+
+
 def set_learning_rates(run: Run) -> None:
-    """The configured rates times lr_scale: a resumed run's --lr-g/--lr-d win over the rates
-    stored in the optimizer state."""
+    """The configured rates times lr_scale and the decay factor of the next step: a resumed
+    run's --lr-g/--lr-d win over the rates stored in the optimizer state."""
+    scale = run.lr_scale * lr_factor(run.cfg.lr_decay, run.step, run.total_steps)
     for opt, lr in ((run.opt_g, run.cfg.lr_g), (run.opt_d, run.cfg.lr_d)):
         for group in opt.param_groups:
-            group["lr"] = lr * run.lr_scale
+            group["lr"] = lr * scale
 
 
 def start_logging(run: Run) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -125,6 +126,30 @@ def test_exact_resume_matches_straight_run(shards16, tmp_path, data_cache):
         {**r, "images_per_s": rows(tmp_path / "straight")[i]["images_per_s"]}
         for i, r in enumerate(rows(tmp_path / "split"))
     ]
+
+
+def test_lr_decay_falls_linearly_to_zero_and_resumes_exactly(shards16, tmp_path):
+    """--lr-decay 0.5 over 20 steps: both rates stay at 2e-4 for steps 0-9, then the update at
+    step s uses 2e-4 * (20 - s) / 10 (row k logs the rate of update k - 1). A copy of the run
+    resumed from its step-10 checkpoint ends bit-identical to the straight run."""
+    kw = dict(max_steps=20, exact=True, lr_decay=0.5, log_every=1)
+    run(shards16, tmp_path / "straight", **kw)
+    got = [(r["lr_g"], r["lr_d"]) for r in rows(tmp_path / "straight") if "lr_g" in r]
+    want = [2e-4 * min(1.0, (20 - s) / 10) for s in range(20)]
+    assert [g for g, _ in got] == pytest.approx(want, rel=1e-12, abs=0)
+    assert [d for _, d in got] == pytest.approx(want, rel=1e-12, abs=0)
+    # the same run stopped after its step-10 checkpoint and resumed
+    split = tmp_path / "split"
+    shutil.copytree(tmp_path / "straight", split)
+    shutil.rmtree(split / "checkpoints" / "step-000000020")
+    reset_accelerate()
+    cfg, ckpt = resolve_config(None, None, {"out": split, "resume": "auto"})
+    assert ckpt is not None and ckpt.name == "step-000000010" and cfg.lr_decay == 0.5
+    assert train(cfg, resume_from=ckpt).step == 20
+    for name in ("model.safetensors", "model_1.safetensors", "ema.safetensors"):
+        a = load_file(tmp_path / "straight" / "checkpoints" / "step-000000020" / name)
+        b = load_file(split / "checkpoints" / "step-000000020" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_schedules_count_images(shards16, tmp_path):

@@ -292,6 +292,8 @@ def test_parse_policy():
         ({"keep": 0}, "--keep 0 must be at least 1"),
         ({"dropout": 1.0}, "--dropout 1.0 must be in [0, 1)"),
         ({"lr_d": 0.0}, "--lr-d 0.0 must be > 0"),
+        ({"lr_decay": 1.5}, "--lr-decay 1.5 must be in [0, 1]"),
+        ({"lr_decay": 0.5, "cuda_graphs": True}, "--cuda-graphs captures the learning rate"),
         ({"betas_g": (0.5, 1.0)}, "--betas-g (0.5, 1.0) must be two numbers in [0, 1)"),
         ({"betas_d": "0.1,0.2,0.3"}, "--betas-d (0.1, 0.2, 0.3) must be two numbers"),
         ({"d_steps": 33}, "--d-steps 33 must be at most 32"),
