@@ -66,6 +66,9 @@ RECIPES: dict[str, tuple[str, dict]] = {
     # shorter EMA half-lives, for small data where G still improves fast late in the budget
     "q-ema1": ("quality", dict(ema_kimg=1.0)),
     "q-ema05": ("quality", dict(ema_kimg=0.5)),
+    # learning rates falling linearly to 0 over the last half / all of the run
+    "q-lrd05": ("quality", dict(lr_decay=0.5)),
+    "q-lrd1": ("quality", dict(lr_decay=1.0)),
     # DiffAugment (Zhao et al. 2020), the small-data remedy, on top of the default
     "q-diffaug": ("quality", dict(augment="color,translation,cutout")),
     "q-hflip": ("quality", dict(hflip=True)),
