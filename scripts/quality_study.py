@@ -393,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"KID x1000 {1000 * res['kid']:.1f}")  # fmt: skip
             if seed == seeds[0]:
                 final_grid(name, run_dir, args.out)
-        print(summarise(rows, recipes, args.out), flush=True)
+        # every recipe of the folder: the ones asked for first, then any from earlier calls
+        shown = recipes + [r for r in dict.fromkeys(x["recipe"] for x in rows) if r not in recipes]
+        print(summarise(rows, shown, args.out), flush=True)
     return 0 if all(math.isfinite(r["fid"]) for r in rows) else 1
 
 

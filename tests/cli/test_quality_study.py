@@ -49,3 +49,10 @@ def test_quality_study_trains_scores_and_summarises(tmp_path):
                                 "PATH": "/usr/bin:/bin"})  # fmt: skip
     assert proc2.returncode == 0, proc2.stderr[-3000:]
     assert len((out / "results.jsonl").read_text().splitlines()) == len(rows)
+    # a call with other --recipes keeps the earlier recipes in the summary
+    cmd3 = [*cmd[: cmd.index("--recipes") + 1], "tutorial", *cmd[cmd.index("--recipes") + 2 :]]
+    proc3 = subprocess.run(cmd3, capture_output=True, text=True, timeout=600,
+                           env={"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+                                "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert proc3.returncode == 0, proc3.stderr[-3000:]
+    assert "| baseline | train-mode | 2 |" in (out / "summary.md").read_text()
