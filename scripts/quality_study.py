@@ -69,6 +69,12 @@ RECIPES: dict[str, tuple[str, dict]] = {
     # learning rates falling linearly to 0 over the last half / all of the run
     "q-lrd05": ("quality", dict(lr_decay=0.5)),
     "q-lrd1": ("quality", dict(lr_decay=1.0)),
+    # small-data candidates against D overfitting late in the budget (seventh session): the
+    # tutorial's Adam betas, a slower D, R1 on the reals, a longer EMA
+    "q-b05": ("quality", dict(betas_g=(0.5, 0.999), betas_d=(0.5, 0.999))),
+    "q-slowd": ("quality", dict(lr_d=1e-4)),
+    "q-r1": ("quality", dict(r1=0.1)),
+    "q-ema5": ("quality", dict(ema_kimg=5.0)),
     # DiffAugment (Zhao et al. 2020), the small-data remedy, on top of the default
     "q-diffaug": ("quality", dict(augment="color,translation,cutout")),
     "q-hflip": ("quality", dict(hflip=True)),
