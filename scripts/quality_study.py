@@ -90,6 +90,8 @@ RECIPES: dict[str, tuple[str, dict]] = {
     ),
     "sngan-b0": ("sngan-hinge", dict(betas_g=(0.0, 0.9), betas_d=(0.0, 0.9))),
     "sngan-dw": ("sngan-hinge", dict(d_width=64)),  # SNGAN's own D is far wider than 32
+    # the default's G-side switches on the SNGAN objective (seventh session)
+    "sngan-q": ("sngan-hinge", dict(upsample="nearest-last", mbstd=True, hflip=True, ema_kimg=2.0)),
     "wgan-gp": ("wgan-gp", {}),
     "cgan": ("cgan", {}),
     # cgan as first shipped (the tutorial optimiser), and the retuned preset spelt from quality
