@@ -75,6 +75,9 @@ def test_variant_trains_with_finite_losses(shards, tmp_path, variant, precision)
         assert G(torch.randn(2, 100), c[:2]).shape == (2, 3, 16, 16)
     if variant == "sngan-hinge":
         assert state["generator"]["spectral_norm"] == "d"
+        # retuned with the default's switches (docs/QUALITY.md): they reach the saved model
+        g = state["generator"]
+        assert (g["upsample"], g["mbstd"]) == ("nearest-last", True)
 
 
 def test_condition_names_are_checked(shards, tmp_path):
