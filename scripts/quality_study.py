@@ -10,6 +10,8 @@ as `facegan evaluate` (torchmetrics). Output in DIR:
 - results.jsonl  one row per (recipe, seed, kimg, generator): fid, kid, kid_std;
 - summary.md     mean and spread over seeds at each budget, and the ratio to the baseline;
 - grids/         seeds 0-63 of each recipe's final generator (seed 0 run).
+A second call resumes: only missing runs and scores are done. A run folder whose config.json
+differs from its recipe as it is now (a preset retuned since) is refused, never reused.
 
 The baseline is the recipe of the PyTorch DCGAN example (pytorch/examples dcgan/main.py): ngf =
 ndf = 32 here, Adam(2e-4, betas (0.5, 0.999)), BCE, batch 64, D called separately on the real and
@@ -141,10 +143,37 @@ def train_recipe(name: str, data: Path, out: Path, seed: int, steps: int, every:
     g_every = max(1, round(every * g_steps / steps))
     cfg, ckpt = resolve_config(preset, None, {**base, "max_steps": g_steps, "ckpt_every": g_every,
                                               "resume": "auto"})  # fmt: skip
+    check_run_matches(name, run_dir, cfg)
     if train(cfg, resume_from=ckpt).preempted:  # SIGTERM/SIGINT: the trainer saved and stopped
         log(f"{name} seed {seed} stopped by a signal; run the same command again to continue")
         raise SystemExit(130)
     return run_dir
+
+
+# The settings that decide a run's training; a finished run is reused only if they match.
+RECIPE_KEYS = ("arch", "act", "dropout", "z_dim", "g_width", "d_width", "upsample",
+               "d_norm", "mbstd", "spectral_norm", "condition", "loss", "gp_lambda", "clip", "r1",
+               "augment", "d_every", "d_steps", "lr_g", "lr_d", "betas_g", "betas_d", "lr_decay",
+               "batch", "ema_kimg", "ema_rampup", "hflip", "seed")  # fmt: skip
+
+
+def check_run_matches(name: str, run_dir: Path, cfg) -> None:
+    """A run folder left by an earlier call must have been trained with this recipe as it is
+    now: a preset retuned since then would otherwise resume (or reuse) the old run under the
+    new name. One line naming the folder and the settings that differ."""
+    from facegan_dist.config import dumps
+
+    saved_path = run_dir / "config.json"
+    if not saved_path.is_file():
+        return
+    saved, now = json.loads(saved_path.read_text()), json.loads(dumps(cfg))
+    diffs = [f"{k}: run {saved[k]!r}, recipe {now[k]!r}" for k in RECIPE_KEYS
+             if k in saved and k in now and saved[k] != now[k]]  # fmt: skip
+    if diffs:
+        raise SystemExit(
+            f"quality_study: {run_dir} was trained with other settings than recipe {name} has "
+            f"now ({'; '.join(diffs)}); move the folder aside or use another --out"
+        )
 
 
 def train_baseline(data: Path, out: Path, seed: int, steps: int, every: int) -> Path:

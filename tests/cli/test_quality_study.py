@@ -56,3 +56,18 @@ def test_quality_study_trains_scores_and_summarises(tmp_path):
                                 "PATH": "/usr/bin:/bin"})  # fmt: skip
     assert proc3.returncode == 0, proc3.stderr[-3000:]
     assert "| baseline | train-mode | 2 |" in (out / "summary.md").read_text()
+    # a run folder trained with other settings than the recipe has now (a preset retuned since)
+    # is refused with one line, before anything is trained, scored or overwritten
+    saved = out / "runs" / "tutorial-s0" / "config.json"
+    cfg = json.loads(saved.read_text())
+    saved.write_text(json.dumps({**cfg, "lr_g": 1e-3}))
+    n_rows = len((out / "results.jsonl").read_text().splitlines())
+    proc4 = subprocess.run(cmd3, capture_output=True, text=True, timeout=600,
+                           env={"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+                                "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert proc4.returncode == 1
+    last = proc4.stderr.strip().splitlines()[-1]
+    assert "tutorial-s0 was trained with other settings" in last and "lr_g: run 0.001" in last
+    assert "Traceback" not in proc4.stderr
+    assert json.loads(saved.read_text())["lr_g"] == 1e-3
+    assert len((out / "results.jsonl").read_text().splitlines()) == n_rows
