@@ -81,6 +81,7 @@ RECIPES: dict[str, tuple[str, dict]] = {
     "q-slowd": ("quality", dict(lr_d=1e-4)),
     "q-r1": ("quality", dict(r1=0.1)),
     "q-ema5": ("quality", dict(ema_kimg=5.0)),
+    "q-r1e5": ("quality", dict(r1=0.1, ema_kimg=5.0)),  # the two ties above, together
     # DiffAugment (Zhao et al. 2020), the small-data remedy, on top of the default
     "q-diffaug": ("quality", dict(augment="color,translation,cutout")),
     "q-hflip": ("quality", dict(hflip=True)),
