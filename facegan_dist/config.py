@@ -155,9 +155,10 @@ DEFAULT_PRESET = "quality"  # the quality study's winner (docs/QUALITY.md)
 # (all layers: 1.3-1.5x the time per image, no better), Adam betas (0, 0.99), a 2 kimg EMA
 # half-life (BatchNorm re-estimated for the EMA), D's minibatch standard deviation and mirrored
 # real images (faces are left-right symmetric; --no-hflip for data that is not, such as text).
-_QUALITY = dict(arch="dcgan", loss="ns", upsample="nearest-last", lr_g=2e-4, lr_d=2e-4,
-                betas_g=(0.0, 0.99), betas_d=(0.0, 0.99), ema_kimg=2.0, mbstd=True, hflip=True,
-                epochs=5, batch=128)  # fmt: skip
+# The four switches the study measured on top of an optimiser; sngan-hinge carries them too.
+_QUALITY_SWITCHES = dict(upsample="nearest-last", mbstd=True, hflip=True, ema_kimg=2.0)
+_QUALITY = dict(arch="dcgan", loss="ns", lr_g=2e-4, lr_d=2e-4, betas_g=(0.0, 0.99),
+                betas_d=(0.0, 0.99), epochs=5, batch=128, **_QUALITY_SWITCHES)  # fmt: skip
 PRESETS: dict[str, dict[str, Any]] = {
     "paper-mlp-relu": dict(arch="mlp", act="relu", loss="minimax", lr_g=1e-4, lr_d=1e-4,
                            betas_g=(0.9, 0.999), betas_d=(0.9, 0.999), epochs=50, batch=128),
@@ -185,8 +186,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # mirrors, a 2 kimg EMA): without them it lost to the PyTorch example at 160 kimg (1.16x on
     # 2,000 emoji, 2 seeds), with them it is better at every point for both seeds (0.92x).
     "sngan-hinge": dict(arch="dcgan", loss="hinge", spectral_norm="d", lr_g=2e-4, lr_d=2e-4,
-                        betas_g=(0.0, 0.9), betas_d=(0.0, 0.9), upsample="nearest-last",
-                        mbstd=True, hflip=True, ema_kimg=2.0, batch=64, epochs=20),
+                        betas_g=(0.0, 0.9), betas_d=(0.0, 0.9), batch=64, epochs=20,
+                        **_QUALITY_SWITCHES),
     # Conditional DCGAN on every attribute of the shards (projection D) with the `quality`
     # recipe. Retuned by the quality study (docs/QUALITY.md): with the tutorial optimiser it
     # drew no better than the unconditional baseline (0.92x at 64 kimg, 2 seeds); with this
